@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import os
 
 import jax
@@ -137,26 +138,45 @@ def gtsrb_test(data_dir) -> Dataset:
     return stratified_subset(load("gtsrb", "test", data_dir), 2000, 0)
 
 
-@pytest.fixture(scope="session")
-def gtsrb_badnets_dir(tmp_path_factory, data_dir):
-    """Run directory of a small-bn model with a real BadNets backdoor (see GTSRB_TEST_SPEC)."""
-    out = tmp_path_factory.mktemp("gtsrb_badnets")
+def _trained_run_dir(request, name: str, spec: RunSpec, data_dir: str):
+    """Train ``spec`` once and keep it in pytest's cache folder (``.pytest_cache``).
+
+    Later sessions on the same checkout reuse the model when its record's spec equals
+    ``spec`` and its files pass the checkpoint hash check; anything else retrains. A fresh
+    clone (CI) has no cache and trains. ``pytest --cache-clear`` forces retraining.
+    """
+    out = request.config.cache.mkdir(f"bdjax-{name}")
+    wanted = json.loads(json.dumps(dataclasses.asdict(spec)))
+    try:
+        if checkpoint.read_record(out).get("spec") == wanted:
+            checkpoint.load(out)  # the hash check
+            return out
+    except (checkpoint.CheckpointError, FileNotFoundError, KeyError):
+        pass
     with optimized_compilation():
-        train_run(GTSRB_TEST_SPEC, out, data_dir, progress=False)
+        train_run(spec, out, data_dir, progress=False)
     return out
 
 
 @pytest.fixture(scope="session")
-def gtsrb_badnets_run(gtsrb_badnets_dir):
+def gtsrb_badnets_dir(request, data_dir):
+    """Run directory of a medium-bn model with a real BadNets backdoor (GTSRB_TEST_SPEC).
+
+    Shared by the whole session and cached across sessions: never write into it.
+    """
+    return _trained_run_dir(request, "gtsrb-badnets", GTSRB_TEST_SPEC, data_dir)
+
+
+@pytest.fixture(scope="session")
+def gtsrb_badnets_run(gtsrb_badnets_dir) -> checkpoint.Run:
     return checkpoint.load(gtsrb_badnets_dir)
 
 
 @pytest.fixture(scope="session")
-def gtsrb_clean_run(tmp_path_factory, data_dir):
+def gtsrb_clean_run(request, data_dir) -> checkpoint.Run:
     """The same model and recipe as gtsrb_badnets_run, trained without poison."""
-    out = tmp_path_factory.mktemp("gtsrb_clean")
-    with optimized_compilation():
-        return train_run(dataclasses.replace(GTSRB_TEST_SPEC, attack="none"), out, data_dir, progress=False)
+    spec = dataclasses.replace(GTSRB_TEST_SPEC, attack="none")
+    return checkpoint.load(_trained_run_dir(request, "gtsrb-clean", spec, data_dir))
 
 
 @pytest.fixture(autouse=True)
