@@ -14,6 +14,7 @@ import optax
 from flax import struct
 from tqdm.auto import tqdm
 
+from bdjax import surgery
 from bdjax.data.dataset import Dataset
 
 
@@ -34,6 +35,7 @@ class TrainConfig:
     schedule: str = "constant"  # "constant" | "cosine" | "step" (x0.1 at 50% and 75%)
     crop_padding: int = 4  # random crop after zero padding; 0 disables
     flip: bool | None = None  # None: the dataset's default (no flips for GTSRB)
+    trainable: str = "all"  # "all" | "batch_norm" (only BN γ/β move; BN-unlearning)
 
     @classmethod
     def backdoorbench(cls, epochs: int = 100) -> "TrainConfig":
@@ -45,6 +47,8 @@ class TrainConfig:
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
         if self.schedule not in ("constant", "cosine", "step"):
             raise ValueError(f"schedule must be constant, cosine or step, got {self.schedule!r}")
+        if self.trainable not in ("all", "batch_norm"):
+            raise ValueError(f"trainable must be 'all' or 'batch_norm', got {self.trainable!r}")
         if self.epochs < 0 or self.batch_size < 1:
             raise ValueError("epochs must be >= 0 and batch_size >= 1")
 
@@ -123,9 +127,14 @@ def _train_step(module, optimizer, crop_padding, flip, state: TrainState, images
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled_step(module, config: TrainConfig, total_steps: int, flip: bool):
+def _compiled_step(module, config: TrainConfig, total_steps: int, flip: bool, image_shape: tuple):
     """(optimizer, vmapped jitted step), cached so repeated runs of one recipe compile once."""
     optimizer = make_optimizer(config, total_steps)
+    if config.trainable == "batch_norm":
+        # The mask needs only the variables' structure, which eval_shape gives without compute.
+        init = functools.partial(module.init, train=False)
+        shapes = jax.eval_shape(init, jax.random.key(0), jnp.zeros((1, *image_shape), jnp.float32))
+        optimizer = surgery.only_bn_params(optimizer, shapes)
     step = jax.jit(jax.vmap(functools.partial(_train_step, module, optimizer, config.crop_padding, flip)),
                    donate_argnums=0)
     return optimizer, step
@@ -166,7 +175,8 @@ def train_many(module, dataset: Dataset, config: TrainConfig, keys, *, variables
         raise ValueError(f"dataset has {len(dataset)} images, fewer than batch_size {config.batch_size}")
     steps_per_epoch = len(dataset) // config.batch_size
     optimizer, step = _compiled_step(module, config, steps_per_epoch * config.epochs,
-                                     dataset.info.flip_augment if config.flip is None else config.flip)
+                                     dataset.info.flip_augment if config.flip is None else config.flip,
+                                     tuple(dataset.images.shape[1:]))
     init_keys, run_keys = jnp.split(jax.vmap(jax.random.split)(keys), 2, axis=1)
     init_keys, run_keys = init_keys[:, 0], run_keys[:, 0]
     image_shape = dataset.images.shape[1:]

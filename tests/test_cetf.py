@@ -134,7 +134,7 @@ def test_bn_unlearning_touches_only_gamma_and_beta(tiny_model, random_dataset):
     module, variables = tiny_model("small-bn")
     new, losses = bn_repair.bn_unlearning(module, variables, random_dataset, jax.random.key(0),
                                           epochs=1, batch_size=20)
-    assert len(losses) == 2
+    assert len(losses) == 1 and np.isfinite(losses[0])  # one mean loss per epoch
     for path, leaf in jax.tree_util.tree_leaves_with_path(new["params"]):
         old = variables["params"]
         for key in path:

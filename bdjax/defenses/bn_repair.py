@@ -22,13 +22,12 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from bdjax import surgery
 from bdjax.data.dataset import Dataset, to_float
 from bdjax.defenses.base import DefenseResult, check_clean_set, register
 from bdjax.defenses.cetf import CETFConfig, Trigger, auxiliary_split, screen
-from bdjax.training import cross_entropy
+from bdjax.training import TrainConfig, train
 
 
 # --------------------------------------------------------------------------- repair data
@@ -77,50 +76,27 @@ def bn_cleaning(module, variables, images, momentum: float = 0.1) -> dict:
 
 
 # --------------------------------------------------------------------------- unlearning
-def _unlearn(module, variables, dataset: Dataset, key, optimizer, epochs: int, batch_size: int) -> tuple[dict, list]:
-    """Fine-tune with cross-entropy in train mode (BN running stats update as in PyTorch's train())."""
-    params, batch_stats = variables["params"], variables.get("batch_stats", {})
-    opt_state = optimizer.init(params)
-
-    @jax.jit
-    def step(params, batch_stats, opt_state, images, labels):
-        def loss_fn(params):
-            if batch_stats:
-                logits, updates = module.apply({"params": params, "batch_stats": batch_stats}, images,
-                                               train=True, mutable=["batch_stats"])
-                return cross_entropy(logits, labels), updates["batch_stats"]
-            return cross_entropy(module.apply({"params": params}, images, train=True), labels), batch_stats
-
-        (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), new_stats, opt_state, loss
-
-    images, labels = to_float(dataset.images), dataset.labels.astype(np.int32)
-    size = min(batch_size, len(dataset))
-    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
-    losses = []
-    for _ in range(epochs):
-        order = rng.permutation(len(dataset))
-        for start in range(0, len(dataset) - size + 1, size):  # full batches: one compilation
-            idx = order[start:start + size]
-            params, batch_stats, opt_state, loss = step(params, batch_stats, opt_state, images[idx], labels[idx])
-            losses.append(float(loss))
-    new = {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
-    return new, losses
+def _unlearn(module, variables, dataset: Dataset, key, trainable: str, epochs: int, batch_size: int,
+             learning_rate: float) -> tuple[dict, list]:
+    """Fine-tune with cross-entropy in train mode (BN running stats update as in PyTorch's train()),
+    SGD with momentum 0.9, no augmentation. Returns the variables and the per-epoch mean loss."""
+    config = TrainConfig(epochs=epochs, batch_size=min(batch_size, len(dataset)), optimizer="sgd",
+                         learning_rate=learning_rate, crop_padding=0, flip=False, trainable=trainable)
+    result = train(module, dataset, config, key, variables=variables, progress=False)
+    return result.variables, [h["loss"] for h in result.history]
 
 
 def bn_unlearning(module, variables, dataset: Dataset, key, *, epochs: int = 3, batch_size: int = 32,
                   learning_rate: float = 0.01) -> tuple[dict, list]:
     """Fine-tune only BatchNorm γ/β on ``dataset`` (triggered images, true labels); others frozen."""
     surgery.require_batch_norm(variables, "BN-unlearning")
-    optimizer = surgery.only_bn_params(optax.sgd(learning_rate, momentum=0.9), variables)
-    return _unlearn(module, variables, dataset, key, optimizer, epochs, batch_size)
+    return _unlearn(module, variables, dataset, key, "batch_norm", epochs, batch_size, learning_rate)
 
 
 def naive_unlearning(module, variables, dataset: Dataset, key, *, epochs: int = 3, batch_size: int = 32,
                      learning_rate: float = 0.01) -> tuple[dict, list]:
     """Fine-tune all parameters on ``dataset`` (triggered images, true labels)."""
-    return _unlearn(module, variables, dataset, key, optax.sgd(learning_rate, momentum=0.9), epochs, batch_size)
+    return _unlearn(module, variables, dataset, key, "all", epochs, batch_size, learning_rate)
 
 
 # --------------------------------------------------------------------------- registered defenses
