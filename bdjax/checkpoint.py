@@ -55,7 +55,8 @@ class Run:
         return self.record["dataset"]
 
 
-def _atomic_write(path: Path, data: bytes):
+def atomic_write(path: Path, data: bytes):
+    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -120,8 +121,8 @@ def save(run_dir, variables: dict, record: dict, attack: Attack | None = None,
     np.savez(buffer, **arrays)
     payload = buffer.getvalue()
     record["variables_sha256"] = hashlib.sha256(payload).hexdigest()
-    _atomic_write(run_dir / VARIABLES_FILE, payload)
-    _atomic_write(run_dir / RECORD_FILE, (json.dumps(_jsonable(record), indent=2, sort_keys=True) + "\n").encode())
+    atomic_write(run_dir / VARIABLES_FILE, payload)
+    atomic_write(run_dir / RECORD_FILE, (json.dumps(_jsonable(record), indent=2, sort_keys=True) + "\n").encode())
     return run_dir
 
 
@@ -129,7 +130,7 @@ def update_record(run_dir, **fields) -> dict:
     """Merge ``fields`` into the run's record (atomically); returns the new record."""
     record = read_record(run_dir)
     record.update(fields)
-    _atomic_write(Path(run_dir) / RECORD_FILE,
+    atomic_write(Path(run_dir) / RECORD_FILE,
                   (json.dumps(_jsonable(record), indent=2, sort_keys=True) + "\n").encode())
     return record
 

@@ -1,4 +1,4 @@
-"""``bdjax`` command line: train, eval, defend, demo.
+"""``bdjax`` command line: train, eval, defend, sweep, demo.
 
 Output contract (other tools parse it): ``eval --json`` prints one object with ``acc``,
 ``asr``, ``sia``; ``defend --json`` prints ``{"method", "before", "after", "seconds"}``
@@ -12,6 +12,7 @@ import ast
 import json
 import sys
 import time
+from pathlib import Path
 
 from bdjax.data.locations import ENV_VAR
 
@@ -121,6 +122,24 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    import jax
+
+    from bdjax import sharding, sweep
+
+    config = sweep.load_config(args.config, args.variant)
+    out = Path(args.out or Path("runs") / "sweeps" / config.name)
+    if not args.table:
+        if args.distributed:
+            jax.distributed.initialize()
+        mesh = None if args.no_shard else sharding.sweep_mesh()
+        sweep.run_sweep(config, out, data_dir=args.data_dir, mesh=mesh, vectorise=not args.sequential)
+    table = sweep.results_table(sweep.load_records(out))
+    (out / "RESULTS.md").write_text(f"# Sweep {config.name} ({args.variant})\n\n{table}")
+    print(table)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from bdjax.attacks import ATTACKS
     from bdjax.defenses import DEFENSES
@@ -170,6 +189,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _add_data_dir(p)
     p.set_defaults(func=cmd_defend)
+
+    p = sub.add_parser("sweep", help="run a defense sweep from a Python config (resumable, vmapped, sharded)")
+    p.add_argument("config", help="Python file with get_config(variant) -> bdjax.sweep.SweepConfig")
+    p.add_argument("--variant", default="local", help="passed to get_config (e.g. local, full)")
+    p.add_argument("--out", default=None, help="record folder (default runs/sweeps/NAME)")
+    p.add_argument("--sequential", action="store_true", help="run settings one by one (no vmap)")
+    p.add_argument("--no-shard", action="store_true", help="do not split the vmapped axis over devices")
+    p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() first")
+    p.add_argument("--table", action="store_true", help="only print the table of the stored records")
+    _add_data_dir(p)
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("demo", help="plant a backdoor in a small model on real GTSRB and defend it")
     p.add_argument("--out", default="runs/demo")

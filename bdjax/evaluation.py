@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from bdjax import metrics
+from bdjax import metrics, sharding
 from bdjax.attacks.base import Attack, TargetMap, poison_test_set
-from bdjax.data.dataset import Dataset
+from bdjax.data.dataset import Dataset, to_float
 from bdjax.models.inference import predict
 
 # A defended classifier: uint8 images [N, H, W, C] -> (predictions int[N], rejected bool[N]).
@@ -57,17 +60,61 @@ class Report:
 
 def evaluate(classifier: Classifier, sets: TestSets, detector: bool = False) -> Report:
     """Rejected inputs count as wrong for ACC and as failed for ASR (the filter convention)."""
-    clean_pred, clean_rejected = classifier(sets.clean.images)
+    clean = classifier(sets.clean.images)
+    triggered = classifier(sets.triggered.images) if len(sets.triggered) else None
+    return report_from_predictions(sets, clean, triggered, detector)
+
+
+def report_from_predictions(sets: TestSets, clean: tuple, triggered: tuple | None,
+                            detector: bool = False) -> Report:
+    """The Report of ``evaluate`` from (predictions, rejected) pairs on the two sets."""
+    clean_pred, clean_rejected = clean
     acc = metrics.accuracy(clean_pred, sets.clean.labels, clean_rejected)
     if len(sets.triggered) == 0:
         return Report(acc, float("nan"), float("nan"))
-    trig_pred, trig_rejected = classifier(sets.triggered.images)
+    trig_pred, trig_rejected = triggered
     asr = metrics.attack_success_rate(trig_pred, sets.targets, trig_rejected)
     sia = metrics.source_inference_accuracy(trig_pred, sets.triggered.labels, trig_rejected)
     if not detector:
         return Report(acc, asr, sia)
     tpr, fpr = metrics.tpr_fpr(trig_rejected, clean_rejected)
     return Report(acc, asr, sia, tpr, fpr)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _stacked_predictions(module, stacked_variables, images):
+    logits = jax.vmap(lambda v: module.apply(v, images, train=False))(stacked_variables)
+    return jnp.argmax(logits, -1).astype(jnp.int32)
+
+
+def stacked_predictions(module, stacked_variables, images, batch_size: int = 250, mesh=None) -> np.ndarray:
+    """int32[M, N]: the predictions of M models (variables stacked on a leading axis) at once.
+
+    With ``mesh`` the model axis is split over its devices (M a multiple of the mesh size).
+    """
+    stacked_variables = sharding.shard_leading(stacked_variables, mesh)
+    images = np.asarray(images)
+    num_models = jax.tree_util.tree_leaves(stacked_variables)[0].shape[0]
+    if len(images) == 0:
+        return np.zeros((num_models, 0), np.int32)
+    size = min(batch_size, len(images))
+    out = []
+    for start in range(0, len(images), size):
+        chunk = images[start:start + size]
+        pad = size - len(chunk)
+        chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)]) if pad else chunk
+        out.append(np.asarray(_stacked_predictions(module, stacked_variables, jnp.asarray(to_float(chunk))))
+                   [:, :size - pad])
+    return np.concatenate(out, axis=1)
+
+
+def evaluate_stacked(module, stacked_variables, sets: TestSets, mesh=None) -> list[Report]:
+    """``evaluate_model`` for M models whose variables are stacked on a leading axis, vmapped."""
+    clean = stacked_predictions(module, stacked_variables, sets.clean.images, mesh=mesh)
+    triggered = stacked_predictions(module, stacked_variables, sets.triggered.images, mesh=mesh)
+    never = np.zeros(clean.shape[1], bool), np.zeros(triggered.shape[1], bool)
+    return [report_from_predictions(sets, (clean[m], never[0]), (triggered[m], never[1]))
+            for m in range(clean.shape[0])]
 
 
 def evaluate_model(module, variables, sets: TestSets) -> Report:

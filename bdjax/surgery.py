@@ -163,10 +163,15 @@ def zero_conv_channels(variables, unit: ConvUnit | Path, channels, keep_bias: bo
 
 def zero_bn_neurons(variables, bn: ConvUnit | Path, channels) -> dict:
     """Set γ and β of BatchNorm neurons to 0: the channel outputs a constant 0 (CLP-style pruning)."""
+    size = get_path(variables["params"], _bn_path(bn))["scale"].shape[-1]
+    return mask_bn_neurons(variables, bn, _channel_mask(size, channels))
+
+
+def mask_bn_neurons(variables, bn: ConvUnit | Path, mask) -> dict:
+    """``zero_bn_neurons`` with the channels as a bool[C] mask: traceable, so it vmaps over masks."""
     path = _bn_path(bn)
     require_batch_norm(variables, "zeroing BatchNorm neurons")
     params = dict(get_path(variables["params"], path))
-    mask = _channel_mask(params["scale"].shape[-1], channels)
     params = {k: jnp.where(mask, 0.0, v) for k, v in params.items()}
     return {**variables, "params": set_path(variables["params"], path, params)}
 

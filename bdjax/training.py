@@ -14,7 +14,7 @@ import optax
 from flax import struct
 from tqdm.auto import tqdm
 
-from bdjax import surgery
+from bdjax import sharding, surgery
 from bdjax.data.dataset import Dataset
 
 
@@ -73,6 +73,9 @@ class TrainState(struct.PyTreeNode):
     params: Any
     batch_stats: Any
     opt_state: Any
+    # Multiplies every update: per-model learning rates in a vmapped sweep (1.0 otherwise;
+    # the optimiser's own rate is then 1.0, and every schedule is linear in it).
+    lr_scale: jax.Array
 
     @property
     def variables(self) -> dict:
@@ -120,9 +123,10 @@ def _train_step(module, optimizer, crop_padding, flip, state: TrainState, images
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    updates = jax.tree_util.tree_map(lambda u: u * state.lr_scale, updates)
     params = optax.apply_updates(state.params, updates)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
-    new_state = TrainState(state.step + 1, params, batch_stats, opt_state)
+    new_state = TrainState(state.step + 1, params, batch_stats, opt_state, state.lr_scale)
     return new_state, {"loss": loss, "accuracy": accuracy}
 
 
@@ -150,7 +154,7 @@ class TrainResult:
 def _init_state(module, optimizer, key, image_shape):
     variables = module.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
-    return TrainState(jnp.zeros((), jnp.int32), params, batch_stats, optimizer.init(params))
+    return TrainState(jnp.zeros((), jnp.int32), params, batch_stats, optimizer.init(params), jnp.float32(1.0))
 
 
 def train(module, dataset: Dataset, config: TrainConfig, key, *, variables=None,
@@ -165,14 +169,27 @@ def train(module, dataset: Dataset, config: TrainConfig, key, *, variables=None,
 
 
 def train_many(module, dataset: Dataset, config: TrainConfig, keys, *, variables=None,
-               progress: bool = True) -> TrainResult:
+               learning_rates=None, mesh=None, progress: bool = True) -> TrainResult:
     """Train M models at once, one per key (own init, data order and augmentation), with vmap.
 
-    keys: [M] PRNG keys. Returns stacked variables (every leaf has a leading M axis) and
-    per-epoch histories of shape [M]. All models see the same (poisoned) dataset.
+    keys: [M] PRNG keys. ``variables``: stacked [M, ...] starting points (default: fresh inits).
+    ``learning_rates``: f32[M], one rate per model in place of ``config.learning_rate``.
+    ``mesh``: a ``bdjax.sharding.sweep_mesh``; the M axis is split over its devices (M must
+    be a multiple of the mesh size). Returns stacked variables (every leaf has a leading M
+    axis) and per-epoch histories of shape [M]. All models see the same (poisoned) dataset.
     """
     if len(dataset) < config.batch_size:
         raise ValueError(f"dataset has {len(dataset)} images, fewer than batch_size {config.batch_size}")
+    num_models = jnp.shape(keys)[0]
+    if mesh is not None and num_models % mesh.size:
+        raise ValueError(f"{num_models} models do not split evenly over {mesh.size} devices; "
+                         "pad with bdjax.sharding.pad_leading")
+    lr_scale = jnp.ones((num_models,), jnp.float32)
+    if learning_rates is not None:
+        lr_scale = jnp.asarray(learning_rates, jnp.float32)
+        if lr_scale.shape != (num_models,):
+            raise ValueError(f"learning_rates must have shape ({num_models},), got {lr_scale.shape}")
+        config = dataclasses.replace(config, learning_rate=1.0)
     steps_per_epoch = len(dataset) // config.batch_size
     optimizer, step = _compiled_step(module, config, steps_per_epoch * config.epochs,
                                      dataset.info.flip_augment if config.flip is None else config.flip,
@@ -184,7 +201,9 @@ def train_many(module, dataset: Dataset, config: TrainConfig, keys, *, variables
         state = jax.jit(jax.vmap(functools.partial(_init_state, module, optimizer, image_shape=image_shape)))(init_keys)
     else:
         state = jax.vmap(lambda v: TrainState(jnp.zeros((), jnp.int32), v["params"], v.get("batch_stats", {}),
-                                              optimizer.init(v["params"])))(variables)
+                                              optimizer.init(v["params"]), jnp.float32(1.0)))(variables)
+    state = sharding.shard_leading(state.replace(lr_scale=lr_scale), mesh)
+    run_keys = sharding.shard_leading(run_keys, mesh)
     images, labels = dataset.images, dataset.labels
     history, start = [], time.perf_counter()
     orders = [np.random.default_rng(np.asarray(jax.random.key_data(k)).ravel()) for k in run_keys]
@@ -197,7 +216,8 @@ def train_many(module, dataset: Dataset, config: TrainConfig, keys, *, variables
         for i in bar:
             idx = perms[:, i * config.batch_size:(i + 1) * config.batch_size]
             step_keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(epoch_keys)
-            state, metrics = step(state, images[idx], labels[idx], step_keys)
+            batch = sharding.shard_leading((images[idx], labels[idx]), mesh)
+            state, metrics = step(state, *batch, step_keys)
             if i % 20 == 0 or i == steps_per_epoch - 1:
                 metrics = jax.device_get(metrics)
                 bar.set_postfix(loss=f"{metrics['loss'].mean():.3f}", acc=f"{metrics['accuracy'].mean():.3f}")

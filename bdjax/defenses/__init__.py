@@ -4,6 +4,8 @@ from bdjax.defenses import finetune  # noqa: F401  (registers "ft")
 from bdjax.defenses import bn_repair, cetf  # noqa: F401  (registers "cetf", "cetf+bn-clean", ...)
 from bdjax.defenses import clp  # noqa: F401  (registers "clp")
 from bdjax.defenses import suspicion  # noqa: F401  (registers "suspicion")
-from bdjax.defenses.base import DEFENSES, DefenseResult, DefenseSpec, get, make_config, register
+from bdjax.defenses.base import (BATCHED, DEFENSES, DefenseResult, DefenseSpec, get, make_config, register,
+                                 register_batched)
 
-__all__ = ["DEFENSES", "DefenseResult", "DefenseSpec", "get", "make_config", "register"]
+__all__ = ["BATCHED", "DEFENSES", "DefenseResult", "DefenseSpec", "get", "make_config", "register",
+           "register_batched"]

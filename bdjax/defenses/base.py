@@ -14,6 +14,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import jax
+import jax.numpy as jnp
+
 from bdjax.data.dataset import Dataset
 from bdjax.evaluation import Classifier
 
@@ -49,6 +52,41 @@ def register(name: str, config_cls: type, *, detector: bool = False, summary: st
         DEFENSES[name] = DefenseSpec(name, fn, config_cls, detector, summary or (fn.__doc__ or "").split("\n")[0])
         return fn
     return wrap
+
+
+# Vectorised sweeps (``bdjax.sweep``): a batched implementation runs N settings of one
+# defense as one vmapped program,
+#     fn(module, variables, clean, key, config, values, mesh) -> variables stacked [N, ...]
+# where ``values`` maps each swept config field to an array [N] and the axis "seed" means
+# "use jax.random.fold_in(key, seed)", exactly as the sequential sweep does. N is a multiple
+# of ``mesh.size`` when a mesh (``bdjax.sharding.sweep_mesh``) is given.
+@dataclasses.dataclass(frozen=True)
+class BatchedSpec:
+    fn: Callable
+    axes: frozenset
+
+
+BATCHED: dict[str, BatchedSpec] = {}
+
+
+def register_batched(name: str, axes):
+    """Decorator: a vmapped implementation of defense ``name`` over the value ``axes``."""
+    def wrap(fn):
+        BATCHED[name] = BatchedSpec(fn, frozenset(axes))
+        return fn
+    return wrap
+
+
+def seed_keys(key, values: dict, n: int):
+    """[N] keys for a batched implementation: fold_in(key, seed) per setting, else ``key`` repeated."""
+    if "seed" in values:
+        return jax.vmap(lambda s: jax.random.fold_in(key, s))(jnp.asarray(values["seed"], jnp.int32))
+    return jnp.stack([key] * n)
+
+
+def tile(tree, n: int):
+    """Stack ``n`` copies of every leaf on a new leading axis."""
+    return jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (n, *jnp.shape(x))), tree)
 
 
 def get(name: str) -> DefenseSpec:

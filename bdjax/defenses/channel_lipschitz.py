@@ -89,3 +89,11 @@ def prune_bn_channels(module, variables, masks: Mapping[str, jax.Array]) -> tupl
         if channels.size:
             variables = surgery.zero_bn_neurons(variables, by_name[name], channels)
     return variables, pruned
+
+
+def mask_bn_channels(module, variables, masks: Mapping[str, jax.Array]) -> dict:
+    """``prune_bn_channels`` without the index lists: pure jnp, so it vmaps over a sweep of masks."""
+    by_name = {u.name: u for u in surgery.bn_units(module)}
+    for name, mask in masks.items():
+        variables = surgery.mask_bn_neurons(variables, by_name[name], mask)
+    return variables

@@ -11,10 +11,12 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 
 from bdjax.data.dataset import Dataset
-from bdjax.defenses.base import DefenseResult, register
-from bdjax.defenses.channel_lipschitz import outliers_above, prune_bn_channels, unit_lipschitz
+from bdjax import sharding
+from bdjax.defenses.base import DefenseResult, register, register_batched
+from bdjax.defenses.channel_lipschitz import mask_bn_channels, outliers_above, prune_bn_channels, unit_lipschitz
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,3 +42,14 @@ def clp(module, variables, clean: Dataset | None, key, config: ClpConfig = ClpCo
         "pruned": pruned,
         "pruned_count": sum(len(c) for c in pruned.values()),
     })
+
+
+@register_batched("clp", axes=("u",))
+def clp_many(module, variables, clean, key, config: ClpConfig, values: dict, mesh=None):
+    """CLP for every u in ``values["u"]`` from one set of channel Lipschitz constants."""
+    del clean, key, config
+    scores = unit_lipschitz(module, variables)
+
+    def one(u):
+        return mask_bn_channels(module, variables, {name: outliers_above(s, u) for name, s in scores.items()})
+    return jax.jit(jax.vmap(one))(sharding.shard_leading(jnp.asarray(values["u"], jnp.float32), mesh))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 from bdjax.data.dataset import Dataset
-from bdjax.defenses.base import DefenseResult, check_clean_set, register
-from bdjax.training import TrainConfig, train
+from bdjax.defenses.base import DefenseResult, check_clean_set, register, register_batched, seed_keys, tile
+from bdjax.training import TrainConfig, train, train_many
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,13 +25,26 @@ class FinetuneConfig:
     crop_padding: int = 4
 
 
+def _train_config(config: FinetuneConfig, clean: Dataset) -> TrainConfig:
+    return TrainConfig(epochs=config.epochs, batch_size=min(config.batch_size, len(clean)),
+                       optimizer="sgd", learning_rate=config.learning_rate, momentum=config.momentum,
+                       weight_decay=config.weight_decay, schedule="cosine", crop_padding=config.crop_padding)
+
+
 @register("ft", FinetuneConfig, summary="fine-tune all parameters on the clean set")
 def finetune(module, variables, clean: Dataset, key, config: FinetuneConfig = FinetuneConfig()) -> DefenseResult:
     """Fine-tune every parameter (and BN statistics) on ``clean`` with cross-entropy."""
     check_clean_set(clean, "fine-tuning")
-    train_config = TrainConfig(epochs=config.epochs, batch_size=min(config.batch_size, len(clean)),
-                               optimizer="sgd", learning_rate=config.learning_rate,
-                               momentum=config.momentum, weight_decay=config.weight_decay,
-                               schedule="cosine", crop_padding=config.crop_padding)
-    result = train(module, clean, train_config, key, variables=variables, progress=False)
+    result = train(module, clean, _train_config(config, clean), key, variables=variables, progress=False)
     return DefenseResult(result.variables, info={"train_loss": [h["loss"] for h in result.history]})
+
+
+@register_batched("ft", axes=("seed", "learning_rate"))
+def finetune_many(module, variables, clean: Dataset, key, config: FinetuneConfig, values: dict, mesh=None):
+    """N fine-tunings at once (``train_many``): one per seed and/or learning rate in ``values``."""
+    check_clean_set(clean, "fine-tuning")
+    n = len(next(iter(values.values())))
+    learning_rates = values.get("learning_rate")
+    result = train_many(module, clean, _train_config(config, clean), seed_keys(key, values, n),
+                        variables=tile(variables, n), learning_rates=learning_rates, mesh=mesh, progress=False)
+    return result.variables

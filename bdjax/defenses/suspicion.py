@@ -27,11 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bdjax import surgery
+from bdjax import sharding, surgery
 from bdjax.data.dataset import Dataset
-from bdjax.defenses.base import DefenseResult, check_clean_set, register
-from bdjax.defenses.channel_lipschitz import (bn_units_or_raise, lipschitz_of_units, outliers_above,
-                                              prune_bn_channels)
+from bdjax.defenses.base import DefenseResult, check_clean_set, register, register_batched
+from bdjax.defenses.channel_lipschitz import (bn_units_or_raise, lipschitz_of_units, mask_bn_channels,
+                                              outliers_above, prune_bn_channels)
 from bdjax.models.base import ConvUnit
 
 MEASURES = ("spectral", "saliency", "activation", "correlation")
@@ -224,3 +224,14 @@ def suspicion_pruning(module, variables, clean: Dataset, key,
     return DefenseResult(new_variables, info={
         "scores": scores, "pruned": pruned, "pruned_count": sum(len(c) for c in pruned.values()),
     })
+
+
+@register_batched("suspicion", axes=("mu",))
+def suspicion_many(module, variables, clean: Dataset, key, config: SuspicionConfig, values: dict, mesh=None):
+    """Suspicion pruning for every μ in ``values["mu"]``: the scores are measured once."""
+    del key
+    scores = suspicion_scores(module, variables, clean, config.eps, config.chunk_size)
+
+    def one(mu):
+        return mask_bn_channels(module, variables, suspicious_channels(scores, mu, config.heuristic, config.eps))
+    return jax.jit(jax.vmap(one))(sharding.shard_leading(jnp.asarray(values["mu"], jnp.float32), mesh))

@@ -1,0 +1,186 @@
+"""Defense sweeps: vmapped settings equal sequential runs, sharding changes nothing, restarts resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from bdjax import defenses, sharding, sweep
+from bdjax.data.dataset import Dataset
+from bdjax.defenses import clp, finetune, suspicion
+from bdjax.defenses.base import BATCHED
+from bdjax import evaluation
+from bdjax.evaluation import evaluate_model, evaluate_stacked
+
+from conftest import SYNTHETIC_INFO, random_uint8
+
+
+@pytest.fixture(scope="module")
+def clean_set() -> Dataset:
+    return Dataset(random_uint8(16, seed=5), np.arange(16) % SYNTHETIC_INFO.num_classes, SYNTHETIC_INFO)
+
+
+def _unstack(tree, i):
+    return jax.tree_util.tree_map(lambda x: x[i], tree)
+
+
+def _assert_trees_close(a, b, **tol):
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tol), a, b)
+
+
+def test_cells_split_fixed_axes_into_cells_and_value_axes_into_settings():
+    config = sweep.SweepConfig(name="t", runs=("a", "b"), clean_seeds=(0, 1), grids=(
+        sweep.Grid("ft", fixed={"epochs": [1, 2]}, values={"learning_rate": [0.1, 0.2, 0.3], "seed": [0, 1]}),
+        sweep.Grid("clp", values={"u": [1.0, 2.0]})))
+    cells = sweep.cells(config)
+    assert len(cells) == 2 * (2 + 1) * 2  # runs × (2 ft epoch values + clp) × clean draws
+    ft = cells[0]
+    assert ft.defense == "ft" and len(ft.settings) == 6
+    assert {tuple(sorted(s.items())) for s in ft.settings} == {
+        (("learning_rate", lr), ("seed", s)) for lr in (0.1, 0.2, 0.3) for s in (0, 1)}
+    assert len({c.id for c in cells}) == len(cells)  # every cell has its own record
+
+
+def test_unknown_defense_in_a_sweep_fails_before_running():
+    with pytest.raises(ValueError, match="unknown defense"):
+        sweep.cells(sweep.SweepConfig(name="t", runs=("a",), grids=(sweep.Grid("nope"),)))
+
+
+def test_config_file_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        sweep.load_config(tmp_path / "missing.py")
+    bad = tmp_path / "bad.py"
+    bad.write_text("x = 1\n")
+    with pytest.raises(ValueError, match="get_config"):
+        sweep.load_config(bad)
+
+
+def test_batched_ft_equals_one_finetune_per_setting(tiny_model, clean_set):
+    """4 settings (2 seeds × 2 learning rates) in one train_many call = 4 calls of ``finetune``."""
+    module, variables = tiny_model("small-bn")
+    config = finetune.FinetuneConfig(epochs=2, batch_size=8, crop_padding=0)
+    key = jax.random.key(7)
+    settings = [{"seed": s, "learning_rate": lr} for s in (0, 1) for lr in (0.01, 0.05)]
+    values = {k: np.asarray([s[k] for s in settings]) for k in ("seed", "learning_rate")}
+    stacked = BATCHED["ft"].fn(module, variables, clean_set, key, config, values)
+    for i, s in enumerate(settings):
+        one = finetune.finetune(module, variables, clean_set, jax.random.fold_in(key, s["seed"]),
+                                finetune.FinetuneConfig(epochs=2, batch_size=8, crop_padding=0,
+                                                        learning_rate=s["learning_rate"])).variables
+        _assert_trees_close(_unstack(stacked, i), one, rtol=1e-4, atol=1e-5)
+    # Different settings really give different models.
+    assert not np.allclose(_unstack(stacked, 0)["params"]["classifier"]["kernel"],
+                           _unstack(stacked, 1)["params"]["classifier"]["kernel"])
+
+
+@pytest.mark.parametrize("name, field, grid", [("clp", "u", [0.5, 1.0, 2.0]), ("suspicion", "mu", [0.5, 1.0, 2.0])])
+def test_batched_thresholds_equal_the_defense_at_each_threshold(tiny_model, clean_set, name, field, grid):
+    module, variables = tiny_model("small-bn")
+    spec = defenses.get(name)
+    config = spec.config_cls()
+    stacked = BATCHED[name].fn(module, variables, clean_set, jax.random.key(0), config, {field: np.asarray(grid)})
+    for i, value in enumerate(grid):
+        one = spec.fn(module, variables, clean_set, jax.random.key(0), spec.config_cls(**{field: value}))
+        _assert_trees_close(_unstack(stacked, i), one.variables, rtol=0, atol=0)
+
+
+def test_stacked_evaluation_equals_one_evaluation_per_model(tiny_model, clean_set):
+    module, variables = tiny_model("small-bn")
+    stacked = BATCHED["clp"].fn(module, variables, None, None, clp.ClpConfig(), {"u": np.asarray([0.1, 9.0])})
+    sets = evaluation.TestSets(clean_set, clean_set, np.zeros(len(clean_set), np.int32))
+    reports = evaluate_stacked(module, stacked, sets)
+    for i, report in enumerate(reports):
+        assert report == evaluate_model(module, _unstack(stacked, i), sets)
+
+
+def test_padding_repeats_the_last_setting_and_unpads():
+    tree = {"u": np.arange(5.0)}
+    padded = sharding.pad_leading(tree, 8)
+    np.testing.assert_array_equal(padded["u"], [0, 1, 2, 3, 4, 4, 4, 4])
+    np.testing.assert_array_equal(sharding.unpad_leading(padded, 5)["u"], tree["u"])
+    assert sharding.padded_size(5, None) == 5
+
+
+SHARDED_SCRIPT = textwrap.dedent("""
+    import jax, numpy as np
+    jax.config.update("jax_disable_most_optimizations", True)  # as in conftest: faster compiles
+    assert jax.device_count() == 4, jax.devices()
+    from bdjax import models, sharding
+    from bdjax.data.dataset import Dataset, DatasetInfo
+    from bdjax.defenses.base import BATCHED
+    from bdjax.defenses.finetune import FinetuneConfig
+    from bdjax.evaluation import TestSets, evaluate_stacked
+
+    info = DatasetInfo(name="synthetic", num_classes=4, image_shape=(32, 32, 3), mean=(0.5,) * 3,
+                       std=(0.25,) * 3, flip_augment=False)
+    rng = np.random.default_rng(0)
+    clean = Dataset(rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8), np.arange(16) % 4, info)
+    module = models.create("small-bn", info)
+    variables = models.init_variables(module, jax.random.key(0))
+    values = sharding.pad_leading({"seed": np.arange(6), "learning_rate": np.linspace(0.01, 0.06, 6)}, 8)
+    config = FinetuneConfig(epochs=1, batch_size=8, crop_padding=0)
+    mesh = sharding.sweep_mesh()
+    sharded = BATCHED["ft"].fn(module, variables, clean, jax.random.key(3), config, values, mesh)
+    plain = BATCHED["ft"].fn(module, variables, clean, jax.random.key(3), config, values, None)
+    leaf = jax.tree_util.tree_leaves(sharded)[0]
+    assert len(leaf.sharding.device_set) == 4, leaf.sharding
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
+                                                                   rtol=1e-5, atol=1e-6), sharded, plain)
+    sets = TestSets(clean, clean, np.zeros(16, np.int32))
+    assert evaluate_stacked(module, sharded, sets, mesh) == evaluate_stacked(module, plain, sets)
+    print("SHARDED-OK")
+""")
+
+
+def test_sharded_sweep_over_four_cpu_devices_equals_the_unsharded_one():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "SHARDED-OK" in result.stdout
+
+
+def test_train_many_rejects_a_model_count_that_does_not_split_over_the_mesh(tiny_model, clean_set):
+    from bdjax.training import TrainConfig, train_many
+
+    mesh = sharding.sweep_mesh()
+
+    class Mesh3:  # as if there were 3 devices
+        size = 3 * mesh.size
+
+    module, _ = tiny_model("small-bn")
+    with pytest.raises(ValueError, match="split evenly"):
+        train_many(module, clean_set, TrainConfig(epochs=1, batch_size=8), jax.random.split(jax.random.key(0), 2),
+                   mesh=Mesh3())
+
+
+@pytest.mark.realdata
+def test_sweep_writes_one_record_per_cell_and_resumes(gtsrb_badnets_dir, data_dir, tmp_path, monkeypatch):
+    config = sweep.SweepConfig(name="t", runs=(str(gtsrb_badnets_dir),), clean_per_class=1, eval_limit=300,
+                               grids=(sweep.Grid("clp", values={"u": [1.0, 3.0]}),
+                                      sweep.Grid("suspicion", values={"mu": [1.0, 3.0]})))
+    records = sweep.run_sweep(config, tmp_path, data_dir=data_dir, log=lambda *_: None)
+    assert [r["mode"] for r in records] == ["vmapped", "vmapped"]
+    for rec in records:
+        assert rec["settings"] == [{rec["defense"] == "clp" and "u" or "mu": v} for v in (1.0, 3.0)]
+        assert len(rec["after"]) == 2 and rec["defense_size"] == 43 and rec["before"]["asr"] > 0.5
+    files = sorted((tmp_path / "cells").glob("*.json"))
+    assert len(files) == 2
+
+    # Restart after "a kill" that lost the second cell: only that cell runs again.
+    lost = json.loads(files[1].read_text())["cell"]
+    files[1].unlink()
+    ran = []
+    real_run_cell = sweep.run_cell
+    monkeypatch.setattr(sweep, "run_cell", lambda cell, *a, **k: ran.append(cell.id) or real_run_cell(cell, *a, **k))
+    again = sweep.run_sweep(config, tmp_path, data_dir=data_dir, log=lambda *_: None)
+    assert ran == [lost] and files[1].is_file()
+    assert [r["after"] for r in again] == [r["after"] for r in records]
+    assert "| clp |" in sweep.results_table(sweep.load_records(tmp_path))
