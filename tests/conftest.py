@@ -173,10 +173,14 @@ def gtsrb_badnets_run(gtsrb_badnets_dir) -> checkpoint.Run:
 
 
 @pytest.fixture(scope="session")
-def gtsrb_clean_run(request, data_dir) -> checkpoint.Run:
-    """The same model and recipe as gtsrb_badnets_run, trained without poison."""
-    spec = dataclasses.replace(GTSRB_TEST_SPEC, attack="none")
-    return checkpoint.load(_trained_run_dir(request, "gtsrb-clean", spec, data_dir))
+def gtsrb_clean_dir(request, data_dir):
+    """Run directory of the same model and recipe as gtsrb_badnets_dir, trained without poison."""
+    return _trained_run_dir(request, "gtsrb-clean", dataclasses.replace(GTSRB_TEST_SPEC, attack="none"), data_dir)
+
+
+@pytest.fixture(scope="session")
+def gtsrb_clean_run(gtsrb_clean_dir) -> checkpoint.Run:
+    return checkpoint.load(gtsrb_clean_dir)
 
 
 @pytest.fixture(autouse=True)
