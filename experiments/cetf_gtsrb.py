@@ -1,0 +1,222 @@
+"""CETF, STRIP and NEO as input filters, and CETF's BN repairs, on the zoo's GTSRB BadNets models.
+
+    python experiments/cetf_gtsrb.py                                   # medium-bn, 30 + 30 inputs
+    python experiments/cetf_gtsrb.py --only resnet20-gtsrb-badnets --inputs 10 --suspects 2
+
+Per model (defender's clean set: 2 test images per class, the paper's setting; the rest of the
+test split is the evaluation set):
+
+1. detection: CETF (the paper's search: population 40, <= 100 generations, patience 10), STRIP
+   (0.5/0.5 blend and the authors' saturated sum, thresholds at 1% and 15% clean FPR) and NEO on
+   the same ``--inputs`` successfully triggered + ``--inputs`` clean evaluation images, spread
+   evenly over the classes: TPR / FPR, and ACC / ASR on those inputs with rejected inputs
+   counted as failures (the paper's Tables II / III convention);
+2. repairs: ``cetf+bn-clean``, ``cetf+bn-unlearn``, ``cetf+unlearn`` through ``defend_run`` with
+   k = 2 clean images per class; their triggers come from CETF screening ``--suspects`` triggered
+   + ``--suspects`` clean evaluation inputs (a ``suspect_file``), ACC / ASR on the evaluation set;
+3. timing: one image's DE search with the population vmapped (one compiled program) against a
+   Python loop over the individuals (jitted fitness per individual), same generations.
+
+Everything is timed on whatever machine runs it (a shared 2-core CPU for the committed results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bdjax import checkpoint
+from bdjax.data.dataset import to_float
+from bdjax.defenses import cetf, neo, strip
+from bdjax.evaluation import evaluate_model
+from bdjax.models.inference import predict
+from bdjax.runs import defend_run, split_for_defense
+
+ZOO_DIR = Path(__file__).resolve().parent / "zoo"
+
+
+def spread(indices: np.ndarray, count: int) -> np.ndarray:
+    """``count`` entries of ``indices`` evenly spaced (the sets are sorted by class)."""
+    return indices[np.linspace(0, len(indices) - 1, min(count, len(indices))).round().astype(int)]
+
+
+def filter_scores(flag_triggered, flag_clean, pred_triggered, pred_clean, target, clean_labels, seconds) -> dict:
+    """TPR / FPR and the paper's ACC / ASR after filtering (rejected = failed) on the inputs."""
+    return {"tpr": float(np.mean(flag_triggered)), "fpr": float(np.mean(flag_clean)),
+            "acc": float(np.mean((pred_clean == clean_labels) & ~flag_clean)),
+            "asr": float(np.mean((pred_triggered == target) & ~flag_triggered)),
+            "seconds": seconds, "per_image_s": seconds / (len(flag_triggered) + len(flag_clean))}
+
+
+def detection(run, clean, triggered, clean_inputs, clean_labels, key) -> dict:
+    target = run.target.target
+    inputs = np.concatenate([triggered, clean_inputs])
+    n = len(triggered)
+    rows = {}
+
+    # CETF: warm up (compile) on one batch, then screen every input.
+    config = cetf.CETFConfig()
+    aux_key, run_key = jax.random.split(key)
+    auxiliary, filter_images = cetf.auxiliary_split(clean, aux_key, config)
+    started = time.perf_counter()
+    cetf.screen(run.module, run.variables, inputs[:config.batch_size], auxiliary, filter_images, run_key, config)
+    compile_and_batch = time.perf_counter() - started
+    started = time.perf_counter()
+    found = cetf.screen(run.module, run.variables, inputs, auxiliary, filter_images, run_key, config)
+    seconds = time.perf_counter() - started
+    rows["CETF"] = filter_scores(found.poisoned[:n], found.poisoned[n:], found.predicted[:n], found.predicted[n:],
+                                 target, clean_labels, seconds)
+    rows["CETF"].update(first_batch_with_compile_s=compile_and_batch,
+                        generations_mean=float(found.generations.mean()),
+                        trigger_boxes=found.box[:n][found.poisoned[:n]].tolist(),
+                        false_positive_boxes=found.box[n:][found.poisoned[n:]].tolist())
+    print("CETF", {k: v for k, v in rows["CETF"].items() if "boxes" not in k}, flush=True)
+
+    for weight in (0.5, 1.0):
+        for rate in (0.01, 0.15):
+            config = strip.STRIPConfig(input_weight=weight, overlay_weight=weight, false_positive_rate=rate)
+            started = time.perf_counter()
+            result = strip.strip(run.module, run.variables, clean, key, config)
+            predicted, flagged = result.classifier(inputs)
+            name = f"STRIP {'0.5x+0.5c' if weight == 0.5 else 'clip(x+c)'} @{rate:.0%} FPR"
+            rows[name] = filter_scores(flagged[:n], flagged[n:], predicted[:n], predicted[n:], target,
+                                       clean_labels, time.perf_counter() - started)
+            rows[name]["threshold_bits"] = result.info["threshold"]
+            print(name, rows[name], flush=True)
+
+    started = time.perf_counter()
+    result = neo.neo(run.module, run.variables, clean, key, neo.NEOConfig())
+    predicted, flagged = result.classifier(inputs)
+    rows["NEO"] = filter_scores(flagged[:n], flagged[n:], predicted[:n], predicted[n:], target, clean_labels,
+                                time.perf_counter() - started)
+    print("NEO", rows["NEO"], flush=True)
+    return rows
+
+
+def repairs(run, suspects, data_dir, seed) -> dict:
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "suspects.npy")
+        np.save(path, suspects)
+        for method in ("cetf+bn-clean", "cetf+bn-unlearn", "cetf+unlearn"):
+            outcome = defend_run(run, method, clean_per_class=2, seed=seed, overrides={"suspect_file": path},
+                                 data_dir=data_dir)
+            info = outcome.result.info
+            rows[method] = {"before": outcome.before.to_dict(), "after": outcome.after.to_dict(),
+                            "seconds": outcome.seconds, "flagged": info.get("flagged"),
+                            "screened": info.get("screened"), "repair_size": info.get("repair_size"),
+                            "warning": info.get("warning"), "regions": info.get("regions")}
+            print(method, rows[method], flush=True)
+    return rows
+
+
+def python_loop_search(logits_fn, image, label, prior, auxiliary, auxiliary_predicted, key, population, generations):
+    """The DE of ``cetf.search_regions`` with a Python loop over individuals (jitted fitness each)."""
+    strategy = cetf.CETFDifferentialEvolution(population, solution=jnp.zeros(4, jnp.float32))
+    params = strategy.default_params
+    decode = jax.jit(cetf.decode)
+    fitness = jax.jit(lambda box: cetf.fitness(logits_fn, image, label, box, auxiliary, auxiliary_predicted))
+    ask, tell = jax.jit(strategy.ask), jax.jit(strategy.tell)
+
+    def evaluate(members):
+        boxes = [decode(member, prior) for member in members]
+        return jnp.stack(boxes), jnp.stack([fitness(box) for box in boxes])
+
+    init_key, key = jax.random.split(key)
+    low = jnp.stack([prior[0], prior[1], 1, 1]).astype(jnp.float32)
+    high = jnp.stack([prior[2], prior[3], prior[2] - prior[0] + 1, prior[3] - prior[1] + 1]).astype(jnp.float32)
+    boxes, values = evaluate(jax.random.uniform(init_key, (population, 4), minval=low, maxval=high))
+    state = strategy.init(init_key, boxes, -values, params)
+    for _ in range(generations):
+        key, ask_key, tell_key = jax.random.split(key, 3)
+        offspring, state = ask(ask_key, state, params)
+        boxes, values = evaluate(offspring)
+        state, _ = tell(tell_key, boxes, -values, state, params)
+    return jax.block_until_ready(state.best_fitness)
+
+
+def de_timing(run, clean, image, key, generations: int) -> dict:
+    """Seconds per generation of one image's DE: vmapped population vs a Python loop."""
+    config = cetf.CETFConfig()
+    auxiliary, _ = cetf.auxiliary_split(clean, key, config)
+    auxiliary = jnp.asarray(to_float(auxiliary))
+    image = jnp.asarray(to_float(image))
+
+    def logits_fn(batch):
+        return run.module.apply(run.variables, batch, train=False)
+
+    label = jnp.argmax(logits_fn(image[None])[0])
+    auxiliary_predicted = jnp.argmax(logits_fn(auxiliary), -1)
+    prior = jnp.array([0, 0, image.shape[0], image.shape[1]], jnp.int32)  # the whole image: no CAM step
+
+    def vectorised(count):
+        search = jax.jit(lambda key: cetf.search_regions(
+            logits_fn, image[None], label[None], prior[None], auxiliary, auxiliary_predicted, key,
+            population_size=config.population_size, max_generations=count, patience=count + 1))
+        jax.block_until_ready(search(key))  # compile
+        started = time.perf_counter()
+        jax.block_until_ready(search(jax.random.fold_in(key, 1)))
+        return time.perf_counter() - started
+
+    def looped(count):
+        python_loop_search(logits_fn, image, label, prior, auxiliary, auxiliary_predicted, key,
+                           config.population_size, 1)  # compile
+        started = time.perf_counter()
+        python_loop_search(logits_fn, image, label, prior, auxiliary, auxiliary_predicted,
+                           jax.random.fold_in(key, 1), config.population_size, count)
+        return time.perf_counter() - started
+
+    vmap_s, loop_s = vectorised(generations), looped(generations)
+    result = {"generations": generations, "population": config.population_size,
+              "vmapped_s_per_generation": vmap_s / generations, "loop_s_per_generation": loop_s / generations,
+              "speedup": loop_s / vmap_s}
+    print("DE timing", result, flush=True)
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=os.environ.get("BDJAX_DATA_DIR"))
+    parser.add_argument("--only", nargs="*", default=["medium-bn-gtsrb-badnets"], help="zoo run names")
+    parser.add_argument("--inputs", type=int, default=30, help="triggered and clean inputs each (detection)")
+    parser.add_argument("--suspects", type=int, default=4, help="triggered and clean inputs each (repairs)")
+    parser.add_argument("--timing-generations", type=int, default=10)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["detection", "repairs", "timing"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "cetf_gtsrb.json"))
+    args = parser.parse_args(argv)
+
+    results = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+    for name in args.only:
+        run = checkpoint.load(ZOO_DIR / name)
+        clean, sets = split_for_defense(run, 2, args.seed, args.data_dir)
+        before = evaluate_model(run.module, run.variables, sets)
+        hits = np.flatnonzero(predict(run.module, run.variables, sets.triggered.images) == run.target.target)
+        chosen = spread(np.arange(len(sets.clean)), args.inputs)
+        triggered, clean_inputs = sets.triggered.images[spread(hits, args.inputs)], sets.clean.images[chosen]
+        entry = results.setdefault(name, {})
+        entry.update(before=before.to_dict(), defense_size=len(clean), eval_size=len(sets.clean),
+                     inputs=len(triggered), backend=jax.default_backend())
+        print(name, entry, flush=True)
+        key = jax.random.key(args.seed)
+        if "detection" not in args.skip:
+            entry["detection"] = detection(run, clean, triggered, clean_inputs, sets.clean.labels[chosen], key)
+        if "repairs" not in args.skip:
+            suspects = np.concatenate([triggered[:args.suspects], clean_inputs[:args.suspects]])
+            entry["repairs"] = repairs(run, suspects, args.data_dir, args.seed)
+            entry["suspects"] = len(suspects)
+        if "timing" not in args.skip:
+            entry["de_timing"] = de_timing(run, clean, triggered[0], key, args.timing_generations)
+        Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Neural Cleanse and I-BAU, the baselines BNA is compared with."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bdjax.data.dataset import Dataset
+from bdjax.defenses import ibau, neural_cleanse
+from bdjax.defenses.reverse_engineer import ReverseConfig, Trigger
+from bdjax.evaluation import evaluate_model
+from bdjax.runs import split_for_defense
+
+
+def empty_set(info) -> Dataset:
+    return Dataset(np.zeros((0, 32, 32, 3), np.uint8), np.zeros((0,), np.int32), info)
+
+
+# --------------------------------------------------------------------------- Neural Cleanse
+def test_infected_labels_flag_only_small_norm_outliers():
+    norms = np.array([50.0, 52.0, 48.0, 51.0, 49.0, 4.0, 95.0])  # median 50, MAD 2
+    index, infected = neural_cleanse.infected_labels(norms)
+    np.testing.assert_allclose(index[5], 46.0 / (1.4826 * 2.0))
+    assert infected.tolist() == [False] * 5 + [True, False]  # a large mask is not suspicious
+
+
+def test_unlearning_set_stamps_the_fraction_and_keeps_true_labels(random_dataset):
+    mask = jnp.zeros((32, 32, 1)).at[:4, :4].set(1.0)
+    trigger = Trigger(mask, jnp.ones((32, 32, 3)), jnp.zeros((32, 32, 3)))
+    repaired = neural_cleanse.unlearning_set(random_dataset, [trigger], 0.2, jax.random.key(0))
+    stamped = np.any(repaired.images != random_dataset.images, axis=(1, 2, 3))
+    assert stamped.sum() == 8  # 20% of 40
+    assert np.all(repaired.images[stamped][:, :4, :4] == 255)
+    np.testing.assert_array_equal(repaired.labels, random_dataset.labels)
+
+
+def test_nc_bad_inputs(tiny_model, info):
+    module, variables = tiny_model("medium-bn")
+    with pytest.raises(ValueError, match="clean defense set"):
+        neural_cleanse.neural_cleanse(module, variables, empty_set(info), jax.random.key(0))
+    with pytest.raises(ValueError, match="patch"):
+        neural_cleanse.NCConfig(reverse={"kind": "perturbation"})
+    with pytest.raises(ValueError, match="unlearn_fraction"):
+        neural_cleanse.NCConfig(unlearn_fraction=0.0)
+
+
+# --------------------------------------------------------------------------- I-BAU
+def test_implicit_hypergradient_is_exact_on_a_quadratic():
+    """L_in = ½a‖δ − Bθ‖², so δ* = Bθ; L_out = ½‖δ‖² + c·θ has hypergradient B²θ + c.
+    The K-term Neumann series gives c + αaB·Σ_k (1 − αa)^k δ: exact as K grows."""
+    a, b, c, alpha = 2.0, 3.0, jnp.array([0.5, -1.0]), 0.25
+    theta = jnp.array([1.0, 2.0])
+    delta = b * theta  # the inner optimum
+
+    def inner(d, t):
+        return 0.5 * a * jnp.sum(jnp.square(d - b * t))
+
+    def outer(d, t):
+        return 0.5 * jnp.sum(jnp.square(d)) + jnp.sum(c * t)
+
+    exact = b * b * theta + c
+    np.testing.assert_allclose(ibau.implicit_hypergradient(inner, outer, delta, theta, 60, alpha), exact, rtol=1e-5)
+    one_step = c + alpha * a * b * delta  # K = 1: v = ∇_δ L_out
+    np.testing.assert_allclose(ibau.implicit_hypergradient(inner, outer, delta, theta, 1, alpha), one_step, rtol=1e-6)
+
+
+def test_ibau_moves_params_not_batch_stats(tiny_model, random_dataset):
+    module, variables = tiny_model("medium-bn")
+    result = ibau.ibau(module, variables, random_dataset, jax.random.key(0),
+                       ibau.IBAUConfig(rounds=1, batch_size=20, learning_rate=1e-3))
+    assert len(result.info["perturbation_norms"]) == 1 and result.info["perturbation_norms"][0] <= 10.0 + 1e-4
+    for old, new in zip(jax.tree_util.tree_leaves(variables["batch_stats"]),
+                        jax.tree_util.tree_leaves(result.variables["batch_stats"])):
+        np.testing.assert_array_equal(old, new)
+    moved = [not np.allclose(o, n) for o, n in zip(jax.tree_util.tree_leaves(variables["params"]),
+                                                   jax.tree_util.tree_leaves(result.variables["params"]))]
+    assert all(moved)
+
+
+def test_ibau_bad_inputs(tiny_model, info):
+    module, variables = tiny_model("medium-bn")
+    with pytest.raises(ValueError, match="clean defense set"):
+        ibau.ibau(module, variables, empty_set(info), jax.random.key(0))
+    with pytest.raises(ValueError, match="fixed_point_steps"):
+        ibau.IBAUConfig(fixed_point_steps=0)
+
+
+# --------------------------------------------------------------------------- real backdoor
+@pytest.mark.realdata
+def test_neural_cleanse_flags_label_14_and_unlearning_lowers_asr(gtsrb_badnets_run, data_dir):
+    run = gtsrb_badnets_run
+    clean, sets = split_for_defense(run, 10, 0, data_dir, eval_limit=1000)
+    config = neural_cleanse.NCConfig(reverse=ReverseConfig(steps=60, batch_size=16, chunk_size=43))
+    result = neural_cleanse.neural_cleanse(run.module, run.variables, clean, jax.random.key(0), config)
+    assert 14 in result.info["infected"]
+    before = evaluate_model(run.module, run.variables, sets)
+    after = evaluate_model(run.module, result.variables, sets)
+    assert before.asr > 0.9 and after.asr < 0.3
+    assert after.acc > before.acc - 0.1
+
+
+@pytest.mark.realdata
+def test_ibau_lowers_asr(gtsrb_badnets_run, data_dir):
+    run = gtsrb_badnets_run
+    clean, sets = split_for_defense(run, 10, 0, data_dir, eval_limit=1000)
+    result = ibau.ibau(run.module, run.variables, clean, jax.random.key(0), ibau.IBAUConfig(learning_rate=1e-3))
+    before = evaluate_model(run.module, run.variables, sets)
+    after = evaluate_model(run.module, result.variables, sets)
+    assert before.asr > 0.9 and after.asr < before.asr - 0.3
+    assert after.acc > before.acc - 0.15
