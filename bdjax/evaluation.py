@@ -12,8 +12,8 @@ import numpy as np
 
 from bdjax import metrics, sharding
 from bdjax.attacks.base import Attack, TargetMap, poison_test_set
-from bdjax.data.dataset import Dataset, to_float
-from bdjax.models.inference import predict
+from bdjax.data.dataset import Dataset
+from bdjax.models.inference import padded_batches, predict
 
 # A defended classifier: uint8 images [N, H, W, C] -> (predictions int[N], rejected bool[N]).
 Classifier = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -93,19 +93,11 @@ def stacked_predictions(module, stacked_variables, images, batch_size: int = 250
     With ``mesh`` the model axis is split over its devices (M a multiple of the mesh size).
     """
     stacked_variables = sharding.shard_leading(stacked_variables, mesh)
-    images = np.asarray(images)
-    num_models = jax.tree_util.tree_leaves(stacked_variables)[0].shape[0]
     if len(images) == 0:
+        num_models = jax.tree_util.tree_leaves(stacked_variables)[0].shape[0]
         return np.zeros((num_models, 0), np.int32)
-    size = min(batch_size, len(images))
-    out = []
-    for start in range(0, len(images), size):
-        chunk = images[start:start + size]
-        pad = size - len(chunk)
-        chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)]) if pad else chunk
-        out.append(np.asarray(_stacked_predictions(module, stacked_variables, jnp.asarray(to_float(chunk))))
-                   [:, :size - pad])
-    return np.concatenate(out, axis=1)
+    return np.concatenate([np.asarray(_stacked_predictions(module, stacked_variables, chunk))[:, :count]
+                           for chunk, count in padded_batches(images, batch_size)], axis=1)
 
 
 def evaluate_stacked(module, stacked_variables, sets: TestSets, mesh=None) -> list[Report]:

@@ -163,6 +163,7 @@ def zero_conv_channels(variables, unit: ConvUnit | Path, channels, keep_bias: bo
 
 def zero_bn_neurons(variables, bn: ConvUnit | Path, channels) -> dict:
     """Set γ and β of BatchNorm neurons to 0: the channel outputs a constant 0 (CLP-style pruning)."""
+    require_batch_norm(variables, "zeroing BatchNorm neurons")
     size = get_path(variables["params"], _bn_path(bn))["scale"].shape[-1]
     return mask_bn_neurons(variables, bn, _channel_mask(size, channels))
 

@@ -29,7 +29,6 @@ import itertools
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
 import numpy as np
@@ -114,10 +113,6 @@ def load_config(path, variant: str = "local") -> SweepConfig:
         raise TypeError(f"{path}: get_config must return a bdjax.sweep.SweepConfig, got {type(config).__name__}")
     runs = tuple(str(r) if Path(r).is_absolute() else str((path.parent / r).resolve()) for r in config.runs)
     return dataclasses.replace(config, runs=runs)
-
-
-def _stack(trees: list) -> Any:
-    return jax.tree_util.tree_map(lambda *xs: np.stack(xs), *trees)
 
 
 def _sequential(run, cell: Cell, clean, key, config) -> tuple[list, list]:

@@ -26,7 +26,7 @@ from bdjax import checkpoint
 from bdjax.data import load, stratified_subset
 from bdjax.data.dataset import Dataset, DatasetInfo, to_float
 from bdjax.models import create, init_variables
-from bdjax.runs import RunSpec, train_run
+from bdjax.runs import RunSpec, split_for_defense, train_run
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 # Tests are dominated by XLA compile time (tiny models, a few steps); skipping most
@@ -181,6 +181,12 @@ def gtsrb_clean_dir(request, data_dir):
 @pytest.fixture(scope="session")
 def gtsrb_clean_run(gtsrb_clean_dir) -> checkpoint.Run:
     return checkpoint.load(gtsrb_clean_dir)
+
+
+@pytest.fixture(scope="session")
+def gtsrb_one_per_class(gtsrb_badnets_run, data_dir):
+    """(43 clean test images, 1 per class: the tiny defense set; TestSets of 1,000 others for ACC / ASR)."""
+    return split_for_defense(gtsrb_badnets_run, 1, 0, data_dir, eval_limit=1000)
 
 
 @pytest.fixture(autouse=True)

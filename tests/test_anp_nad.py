@@ -15,7 +15,6 @@ from bdjax.data.dataset import Dataset
 from bdjax.defenses import anp, nad
 from bdjax.evaluation import evaluate_model
 from bdjax.models import create
-from bdjax.runs import split_for_defense
 
 # Tiny runs: a few iterations / epochs are enough to check the mechanics. The huge mask
 # learning rate (no momentum) pushes masks out of [0, 1] in one step, so clipping is exercised.
@@ -217,12 +216,6 @@ def test_both_defenses_are_registered():
 
 
 # --------------------------------------------------------------------------- real data
-@pytest.fixture(scope="module")
-def gtsrb_one_per_class(gtsrb_badnets_run, data_dir):
-    """43 clean test images (1 per class, the paper's setting) for the defense, 1,000 others for ACC / ASR."""
-    return split_for_defense(gtsrb_badnets_run, 1, 0, data_dir, eval_limit=1000)
-
-
 @pytest.mark.realdata
 def test_anp_with_one_image_per_class_keeps_clean_accuracy_but_not_the_backdoor_out(
         gtsrb_badnets_run, gtsrb_one_per_class):

@@ -9,7 +9,6 @@ from bdjax import defenses
 from bdjax.data.dataset import Dataset
 from bdjax.defenses import channel_lipschitz, clp, suspicion
 from bdjax.evaluation import evaluate_model
-from bdjax.runs import split_for_defense
 from bdjax.surgery import get_path
 
 from conftest import SYNTHETIC_INFO, random_uint8
@@ -173,12 +172,6 @@ def test_both_defenses_are_registered():
 
 
 # --------------------------------------------------------------------------- real data
-@pytest.fixture(scope="module")
-def gtsrb_one_per_class(gtsrb_badnets_run, data_dir):
-    """43 clean test images (1 per class) for the defense, 1,000 others for ACC / ASR."""
-    return split_for_defense(gtsrb_badnets_run, 1, 0, data_dir, eval_limit=1000)
-
-
 @pytest.fixture(scope="module")
 def gtsrb_scores(gtsrb_badnets_run, gtsrb_one_per_class):
     run = gtsrb_badnets_run

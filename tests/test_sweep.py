@@ -14,7 +14,7 @@ import pytest
 
 from bdjax import defenses, sharding, sweep
 from bdjax.data.dataset import Dataset
-from bdjax.defenses import clp, finetune, suspicion
+from bdjax.defenses import clp, finetune
 from bdjax.defenses.base import BATCHED
 from bdjax import evaluation
 from bdjax.evaluation import evaluate_model, evaluate_stacked

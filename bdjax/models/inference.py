@@ -17,30 +17,34 @@ def logits_fn(module, variables, images):
     return module.apply(variables, images, train=False)
 
 
-def batched_logits(module, variables, images, batch_size: int = 500) -> np.ndarray:
-    """Logits for many images (uint8 stored pixels or floats in [0, 1]), in fixed-size batches.
+def padded_batches(images, batch_size: int):
+    """Yield ``(chunk, count)``: f32 chunks of exactly min(batch_size, N) images and how many are real.
 
-    The last batch is padded so that every call has the same shape (one compilation).
+    The last chunk is padded with zeros, so a jitted function sees one shape (one compilation);
+    keep the first ``count`` outputs. images: uint8 stored pixels or floats in [0, 1], N > 0.
     """
     images = np.asarray(images)
-    if images.dtype == np.uint8:
-        images = to_float(images)
+    size = min(batch_size, images.shape[0])
+    for start in range(0, images.shape[0], size):
+        chunk = images[start:start + size]
+        chunk = to_float(chunk) if chunk.dtype == np.uint8 else chunk
+        count = chunk.shape[0]
+        if count < size:
+            chunk = np.concatenate([chunk, np.zeros((size - count, *chunk.shape[1:]), chunk.dtype)])
+        yield jnp.asarray(chunk), count
+
+
+def batched_logits(module, variables, images, batch_size: int = 500) -> np.ndarray:
+    """Logits for many images (uint8 stored pixels or floats in [0, 1]), in fixed-size batches."""
+    images = np.asarray(images)
     if images.ndim != 4:
         raise ValueError(f"images must be [N, H, W, C], got shape {images.shape}")
-    n = images.shape[0]
-    if n == 0:
+    if images.shape[0] == 0:
         shape = jax.eval_shape(lambda x: module.apply(variables, x, train=False),
                                jax.ShapeDtypeStruct((1, *images.shape[1:]), jnp.float32))
         return np.zeros((0, shape.shape[-1]), np.float32)
-    size = min(batch_size, n)
-    outputs = []
-    for start in range(0, n, size):
-        chunk = images[start:start + size]
-        pad = size - chunk.shape[0]
-        if pad:
-            chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-        outputs.append(np.asarray(logits_fn(module, variables, jnp.asarray(chunk)))[:size - pad])
-    return np.concatenate(outputs)
+    return np.concatenate([np.asarray(logits_fn(module, variables, chunk))[:count]
+                           for chunk, count in padded_batches(images, batch_size)])
 
 
 def predict(module, variables, images, batch_size: int = 500) -> np.ndarray:
