@@ -18,6 +18,10 @@ demo: install
 	BDJAX_DATA_DIR=$(DATA) $(BIN)/bdjax demo
 
 test: install
-	BDJAX_DATA_DIR=$(DATA) $(BIN)/python -m pytest -q --durations=15
+	BDJAX_DATA_DIR=$(DATA) $(BIN)/python -m pytest -q --durations=15 -m "not heavy"
 
-.PHONY: install demo test
+# Real-data defense tests that take several CPU minutes each (NC, I-BAU): ~15 min on 2 cores.
+test-heavy: install
+	BDJAX_DATA_DIR=$(DATA) $(BIN)/python -m pytest -q --durations=15 -m heavy
+
+.PHONY: install demo test test-heavy

@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import json
 import os
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -183,10 +184,31 @@ def gtsrb_clean_run(gtsrb_clean_dir) -> checkpoint.Run:
     return checkpoint.load(gtsrb_clean_dir)
 
 
+# The defense tests use a model from the committed zoo (experiments/zoo.py planted the backdoor
+# with this library: medium-bn, 15,000 real GTSRB training images, 8 epochs, BadNets 2x2 yellow
+# upper-left, target 14, 10% poison; ACC 0.885 / ASR 0.997 on the full test split). The
+# session-trained model above (ACC ~0.6) is too weak for defenses to behave as they do on a
+# real model, and its weights differ between machines (XLA CPU codegen), so numbers measured
+# on it did not carry over to CI; committed weights are the same everywhere.
+ZOO_DIR = Path(__file__).resolve().parents[1] / "experiments" / "zoo"
+
+
 @pytest.fixture(scope="session")
-def gtsrb_one_per_class(gtsrb_badnets_run, data_dir):
+def zoo_badnets_run(data_dir) -> checkpoint.Run:
+    """experiments/zoo/medium-bn-gtsrb-badnets (loaded with the checkpoint hash check)."""
+    return checkpoint.load(ZOO_DIR / "medium-bn-gtsrb-badnets")
+
+
+@pytest.fixture(scope="session")
+def gtsrb_one_per_class(zoo_badnets_run, data_dir):
     """(43 clean test images, 1 per class: the tiny defense set; TestSets of 1,000 others for ACC / ASR)."""
-    return split_for_defense(gtsrb_badnets_run, 1, 0, data_dir, eval_limit=1000)
+    return split_for_defense(zoo_badnets_run, 1, 0, data_dir, eval_limit=1000)
+
+
+@pytest.fixture(scope="session")
+def gtsrb_ten_per_class(zoo_badnets_run, data_dir):
+    """(430 clean test images, 10 per class: 3.4% of the test split; TestSets of 1,000 others)."""
+    return split_for_defense(zoo_badnets_run, 10, 0, data_dir, eval_limit=1000)
 
 
 @pytest.fixture(autouse=True)
@@ -198,6 +220,7 @@ def _optimize_real_data_tests(request):
     with optimized_compilation():
         yield
 
-# Tests written but not yet verified within the time budget (BNA, NC/I-BAU, TSBD): run by hand,
-# `pytest tests/pending`, until they are shortened and pass; see the session notes.
+# BNA's tests fail on the zoo model (see the header of tests/pending/test_bna.py for what was
+# measured) and take ~15 min: they stay out of the suite until BNA is fixed; run them with
+# `pytest tests/pending`.
 collect_ignore = ["pending"]

@@ -10,7 +10,6 @@ from bdjax import defenses, surgery
 from bdjax.defenses import fine_pruning, rnp
 from bdjax.defenses.finetune import FinetuneConfig
 from bdjax.evaluation import evaluate_model
-from bdjax.runs import split_for_defense
 from bdjax.surgery import get_path
 
 
@@ -93,23 +92,16 @@ def test_both_baselines_are_registered():
 
 
 # --------------------------------------------------------------------------- real data
-@pytest.fixture(scope="module")
-def gtsrb_ten_per_class(gtsrb_badnets_run, data_dir):
-    """430 clean test images (10 per class) for the defense, 1,000 others for ACC / ASR."""
-    return split_for_defense(gtsrb_badnets_run, 10, 0, data_dir, eval_limit=1000)
-
-
 @pytest.mark.realdata
-def test_fp_removes_a_real_badnets_backdoor_and_rnp_removes_it_with_the_model(gtsrb_badnets_run, gtsrb_ten_per_class):
-    """medium-bn, real GTSRB BadNets (ASR ≈ 0.97, ACC ≈ 0.65), defaults (FP's fine-tuning cut to
-    10 epochs for the test's budget).
+def test_fp_removes_a_real_badnets_backdoor_and_rnp_removes_it_with_the_model(zoo_badnets_run, gtsrb_ten_per_class):
+    """The zoo's medium-bn, real GTSRB BadNets (ASR 0.995, ACC 0.894 on these 1,000 images), defaults
+    (FP's fine-tuning cut to 10 epochs for the test's budget).
 
-    Measured: FP prunes 5 of 16 last-layer channels, ASR 0.969 -> 0.041, ACC 0.649 -> 0.513.
-    RNP unlearns to clean ACC 0.11 in 3 steps, then its recovery masks fall below 0.7 on 24 of
-    160 BN neurons: ASR -> 0.0 but ACC -> 0.075 -- on this weak fixture model (4,000 training
-    images) RNP's defaults prune clean neurons too; see experiments/results/tsbd_gtsrb.md for
-    the zoo model."""
-    run = gtsrb_badnets_run
+    Measured: FP prunes 3 of 16 last-layer channels, ASR 0.995 -> 0.049, ACC 0.894 -> 0.756.
+    RNP unlearns to clean ACC 0.19 in 3 steps, then its recovery masks fall below 0.7 on 50 of
+    160 BN neurons: ASR -> 0.0 but ACC -> 0.028 -- with 430 clean images RNP's defaults prune
+    clean neurons too (the same on the 15,000-image run of experiments/results/tsbd_gtsrb.md)."""
+    run = zoo_badnets_run
     clean, sets = gtsrb_ten_per_class
     before = evaluate_model(run.module, run.variables, sets)
     fp = fine_pruning.fine_pruning(run.module, run.variables, clean, jax.random.key(0),

@@ -29,6 +29,7 @@ def test_notebook_executes(path, gtsrb_badnets_dir, gtsrb_clean_dir, data_dir, t
     monkeypatch.setenv("BDJAX_DATA_DIR", data_dir)
     monkeypatch.setenv("BDJAX_NOTEBOOK_RUN", str(gtsrb_badnets_dir))
     monkeypatch.setenv("BDJAX_NOTEBOOK_CLEAN_RUN", str(gtsrb_clean_dir))
+    monkeypatch.setenv("BDJAX_NOTEBOOK_EVAL_LIMIT", "500")
     monkeypatch.setenv("MPLBACKEND", "Agg")
     notebook = nbformat.read(path, as_version=4)
     nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",

@@ -74,6 +74,7 @@ def test_saliency_and_activation_match_a_per_image_reference(tiny_model, clean_s
     """Eq. 3 sums per-image |gradients| (not |summed gradient|); eq. 4 averages feature-map norms."""
     import jax
     import optax
+
     from bdjax import surgery
 
     module, variables = tiny_model("small-bn")
@@ -173,32 +174,33 @@ def test_both_defenses_are_registered():
 
 # --------------------------------------------------------------------------- real data
 @pytest.fixture(scope="module")
-def gtsrb_scores(gtsrb_badnets_run, gtsrb_one_per_class):
-    run = gtsrb_badnets_run
+def gtsrb_scores(zoo_badnets_run, gtsrb_one_per_class):
+    run = zoo_badnets_run
     return suspicion.suspicion_scores(run.module, run.variables, gtsrb_one_per_class[0])
 
 
 @pytest.mark.realdata
 def test_suspicion_and_clp_at_paper_defaults_prune_nothing_on_a_16_to_64_channel_badnets_model(
-        gtsrb_badnets_run, gtsrb_scores):
-    """Measured (medium-bn, BadNets, ASR 0.98 / ACC 0.63, 43 clean images): neither μ = 3.5 nor
+        zoo_badnets_run, gtsrb_scores):
+    """Measured (zoo medium-bn, BadNets, ASR 0.997 / ACC 0.901, 43 clean images): neither μ = 3.5 nor
     CLP's u = 3 flags any channel. With 16-64 channels per layer, a score above mean + 3.5 std
     (ddof 1) needs one isolated extreme outlier, since the largest possible z-score of n
     values is (n - 1) / sqrt(n) = 3.75 for n = 16 (Samuelson's inequality); the backdoor stays."""
-    run = gtsrb_badnets_run
+    run = zoo_badnets_run
     _, pruned = suspicion.prune(run.module, run.variables, gtsrb_scores, suspicion.SuspicionConfig().mu)
     assert sum(map(len, pruned.values())) == 0
     assert clp.clp(run.module, run.variables, None, None).info["pruned_count"] == 0
 
 
 @pytest.mark.realdata
-def test_lowering_mu_trades_clean_accuracy_for_asr_on_badnets_gtsrb(gtsrb_badnets_run, gtsrb_one_per_class,
+def test_lowering_mu_trades_clean_accuracy_for_asr_on_badnets_gtsrb(zoo_badnets_run, gtsrb_one_per_class,
                                                                      gtsrb_scores):
     """μ sweep from one scoring of 43 clean images (Fig. 3's experiment on our small model):
-    μ = 2 prunes a few channels and lowers ASR a little while ACC drops more than 5 points;
-    μ = 1 removes the backdoor (ASR < 0.05) only by destroying the model (ACC < 0.35).
-    Measured: ASR 0.977 -> 0.911 -> 0.0, ACC 0.631 -> 0.525 -> 0.191."""
-    run = gtsrb_badnets_run
+    μ = 2 prunes a few channels: ACC drops more than 5 points while the backdoor stays (ASR > 0.9);
+    μ = 1 lowers ASR by more than half only by destroying the model (ACC < 0.3). On this
+    16-64-channel model the score does not single out the backdoor channels (the paper's
+    ResNet-18 has 64-512 per layer). Measured: ASR 0.997 -> 0.987 -> 0.229, ACC 0.901 -> 0.763 -> 0.140."""
+    run = zoo_badnets_run
     _, sets = gtsrb_one_per_class
     before = evaluate_model(run.module, run.variables, sets)
     assert before.asr > 0.9
@@ -207,5 +209,5 @@ def test_lowering_mu_trades_clean_accuracy_for_asr_on_badnets_gtsrb(gtsrb_badnet
     after2, after1 = evaluate_model(run.module, mu2, sets), evaluate_model(run.module, mu1, sets)
     print(f"before ASR {before.asr:.3f} ACC {before.acc:.3f}; mu=2 ASR {after2.asr:.3f} ACC "
           f"{after2.acc:.3f}; mu=1 ASR {after1.asr:.3f} ACC {after1.acc:.3f}")
-    assert after2.asr < before.asr - 0.02 and after2.acc < before.acc - 0.05
-    assert after1.asr < 0.05 and after1.acc < 0.35
+    assert after2.asr > 0.9 and after2.acc < before.acc - 0.05
+    assert after1.asr < before.asr - 0.5 and after1.acc < 0.3

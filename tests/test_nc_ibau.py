@@ -11,7 +11,6 @@ from bdjax.data.dataset import Dataset
 from bdjax.defenses import ibau, neural_cleanse
 from bdjax.defenses.reverse_engineer import ReverseConfig, Trigger
 from bdjax.evaluation import evaluate_model
-from bdjax.runs import split_for_defense
 
 
 def empty_set(info) -> Dataset:
@@ -89,24 +88,28 @@ def test_ibau_bad_inputs(tiny_model, info):
 
 # --------------------------------------------------------------------------- real backdoor
 @pytest.mark.realdata
-def test_neural_cleanse_flags_label_14_and_unlearning_lowers_asr(gtsrb_badnets_run, data_dir):
-    run = gtsrb_badnets_run
-    clean, sets = split_for_defense(run, 10, 0, data_dir, eval_limit=1000)
+@pytest.mark.heavy
+def test_neural_cleanse_flags_label_14_and_unlearning_lowers_asr(zoo_badnets_run, gtsrb_ten_per_class):
+    run = zoo_badnets_run
+    clean, sets = gtsrb_ten_per_class
     config = neural_cleanse.NCConfig(reverse=ReverseConfig(steps=60, batch_size=16, chunk_size=43))
     result = neural_cleanse.neural_cleanse(run.module, run.variables, clean, jax.random.key(0), config)
     assert 14 in result.info["infected"]
     before = evaluate_model(run.module, run.variables, sets)
     after = evaluate_model(run.module, result.variables, sets)
+    print(f"NC: infected {result.info['infected']}, before {before}, after {after}, seconds {result.info.get('seconds')}")
     assert before.asr > 0.9 and after.asr < 0.3
     assert after.acc > before.acc - 0.1
 
 
 @pytest.mark.realdata
-def test_ibau_lowers_asr(gtsrb_badnets_run, data_dir):
-    run = gtsrb_badnets_run
-    clean, sets = split_for_defense(run, 10, 0, data_dir, eval_limit=1000)
+@pytest.mark.heavy
+def test_ibau_lowers_asr(zoo_badnets_run, gtsrb_ten_per_class):
+    run = zoo_badnets_run
+    clean, sets = gtsrb_ten_per_class
     result = ibau.ibau(run.module, run.variables, clean, jax.random.key(0), ibau.IBAUConfig(learning_rate=1e-3))
     before = evaluate_model(run.module, run.variables, sets)
     after = evaluate_model(run.module, result.variables, sets)
+    print(f"I-BAU: before {before}, after {after}")
     assert before.asr > 0.9 and after.asr < before.asr - 0.3
     assert after.acc > before.acc - 0.15
