@@ -160,11 +160,12 @@ def choose_fraction(module, original, unlearned, val: Dataset, fractions, max_dr
     if ranking is None:
         ranking = rank_neurons(neuron_weight_change(module, original, unlearned))
     candidates = [reinitialize(module, original, unlearned, f, ranking=ranking)[0] for f in fractions]
-    stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *candidates)
+    # The original model rides along as entry 0: one compiled, vmapped evaluation for all.
+    stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), original, *candidates)
     images, labels = jnp.asarray(val.floats()), jnp.asarray(val.labels)
     evaluate = jax.jit(jax.vmap(functools.partial(accuracy, module), in_axes=(0, None, None)))
-    accuracies = np.asarray(evaluate(stacked, images, labels))
-    reference = float(accuracy(module, original, images, labels))
+    reference, *accuracies = np.asarray(evaluate(stacked, images, labels)).tolist()
+    accuracies = np.asarray(accuracies, np.float32)
     kept = [f for f, a in zip(fractions, accuracies) if a >= reference - max_drop]
     return (max(kept) if kept else fractions[0]), accuracies
 
