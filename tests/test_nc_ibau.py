@@ -91,6 +91,8 @@ def test_ibau_bad_inputs(tiny_model, info):
 @pytest.mark.realdata
 @pytest.mark.heavy
 def test_neural_cleanse_flags_label_14_and_unlearning_lowers_asr(zoo_badnets_run, gtsrb_ten_per_class):
+    """Measured (zoo medium-bn BadNets, 430 clean images, one core, 377 s): labels 5 and 14 flagged
+    (5 is a false positive), ASR 0.995 -> 0.004, ACC 0.894 -> 0.851, SIA 0.845."""
     run = zoo_badnets_run
     clean, sets = gtsrb_ten_per_class
     config = neural_cleanse.NCConfig(reverse=ReverseConfig(steps=60, batch_size=16, chunk_size=43))
@@ -98,7 +100,7 @@ def test_neural_cleanse_flags_label_14_and_unlearning_lowers_asr(zoo_badnets_run
     assert 14 in result.info["infected"]
     before = evaluate_model(run.module, run.variables, sets)
     after = evaluate_model(run.module, result.variables, sets)
-    print(f"NC: infected {result.info['infected']}, before {before}, after {after}, seconds {result.info.get('seconds')}")
+    print(f"NC: infected {result.info['infected']}, before {before}, after {after}")
     assert before.asr > 0.9 and after.asr < 0.3
     assert after.acc > before.acc - 0.1
 
@@ -106,6 +108,8 @@ def test_neural_cleanse_flags_label_14_and_unlearning_lowers_asr(zoo_badnets_run
 @pytest.mark.realdata
 @pytest.mark.heavy
 def test_ibau_lowers_asr(zoo_badnets_run, gtsrb_ten_per_class):
+    """Measured (same model and set, defaults except outer lr 1e-3, one core, 395 s): ASR 0.995 -> 0.020,
+    ACC 0.894 -> 0.807, SIA 0.338."""
     run = zoo_badnets_run
     clean, sets = gtsrb_ten_per_class
     result = ibau.ibau(run.module, run.variables, clean, jax.random.key(0), ibau.IBAUConfig(learning_rate=1e-3))
