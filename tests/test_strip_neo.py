@@ -170,7 +170,7 @@ REAL_INPUTS = 30
 
 @pytest.fixture(scope="module")
 def badnets_inputs(zoo_badnets_run, gtsrb_test):
-    """30 successfully triggered and 30 clean GTSRB test images of the BadNets fixture model, and
+    """30 successfully triggered and 30 clean GTSRB test images of the zoo BadNets model, and
     the defender's clean set (2 per class, held out of those inputs)."""
     from conftest import optimized_compilation
 
