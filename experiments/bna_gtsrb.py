@@ -129,7 +129,7 @@ def main(argv=None):
                       flush=True)
             print(f"\ndetection: {result.info['detection']['top_pairs']}\n")
             if aligned and len(sets.triggered):
-                target = detected[0]
+                target = run.target.target if run.target.target in aligned else detected[0]
                 images = to_float(sets.triggered.images[:200])
                 clean_images = to_float(sets.clean.images[np.isin(sets.clean.labels, sets.triggered.labels[:200])][:200])
                 table = divergence_table(run.module, run.variables, aligned[target], result.info["edges"],

@@ -35,6 +35,8 @@ ZOO_DIR = HERE / "zoo"
 GTSRB_ATTACKS = {
     "badnets": dict(attack="badnets", attack_args={"size": 2, "location": "upper-left"}),
     "blended": dict(attack="blended", attack_args={"alpha": 0.2}),
+    # No backdoor: what a defense must leave alone (BNA table 9, false alarms of detectors).
+    "clean": dict(attack="none"),
 }
 CIFAR_ATTACKS = {
     # Suspiciousness / BNA papers: 3x3 random patch at a random fixed location on CIFAR-10.
@@ -55,11 +57,17 @@ ENTRIES = [
 ]
 
 
+# Clean (attack "none") models are trained only for these architectures.
+CLEAN_MODELS = ("resnet20", "medium-bn")
+
+
 def zoo_specs(full: bool = False) -> dict[str, RunSpec]:
     specs = {}
     for model, dataset, subset, epochs in ENTRIES:
-        for attack_name in ("badnets", "blended"):
-            attack = (GTSRB_ATTACKS if dataset == "gtsrb" else CIFAR_ATTACKS)[attack_name]
+        attacks = GTSRB_ATTACKS if dataset == "gtsrb" else CIFAR_ATTACKS
+        for attack_name, attack in attacks.items():
+            if attack_name == "clean" and model not in CLEAN_MODELS:
+                continue
             target = 14 if dataset == "gtsrb" else 0
             specs[f"{model}-{dataset}-{attack_name}"] = RunSpec(
                 dataset=dataset, model=model, target=target, poison_rate=0.1,
