@@ -21,7 +21,7 @@ from bdjax.data.dataset import Dataset, to_float
 from bdjax.defenses import bna, reverse_engineer
 from bdjax.defenses.reverse_engineer import ReverseConfig, Trigger
 from bdjax.models.inference import predict
-from bdjax.surgery import bn_units
+from bdjax.surgery import bn_units, unit_outputs
 
 FAST_SEARCH = ReverseConfig(steps=3, batch_size=4, chunk_size=8)
 ALIGN_CONFIG = bna.BNAConfig(epochs=1)  # TV, Adam 0.01, batch 32; the paper runs 10 epochs
@@ -184,6 +184,19 @@ def test_bn_alignment_moves_only_batch_stats_and_lowers_the_divergence(tiny_mode
     np.testing.assert_array_equal(flagged, at_target & (second != target))
 
 
+def test_neurons_are_channels_pooled_over_positions_or_every_position(tiny_model, random_dataset):
+    module, variables = tiny_model("small-bn")
+    units = bn_units(module)
+    images = to_float(random_dataset.images)
+    first = units[0].name
+    by_channel = bna.activation_ranges(module, variables, images, units)
+    by_position = bna.activation_ranges(module, variables, images, units, "position")
+    h, w, c = unit_outputs(module, variables, jnp.asarray(images[:1]), units)[first].shape[1:]
+    assert by_channel[first][0].shape == (c,) and by_position[first][0].shape == (h * w * c,)
+    # A channel's minimum is the minimum of its positions' minima.
+    np.testing.assert_allclose(by_position[first][0].reshape(h, w, c).min(axis=(0, 1)), by_channel[first][0])
+
+
 def test_no_detection_returns_the_model_unchanged(tiny_model, random_dataset):
     module, variables = tiny_model("medium-bn")
     config = bna.BNAConfig(threshold=float("inf"), reverse=FAST_SEARCH, source_classes=(0,))
@@ -205,6 +218,8 @@ def test_bad_inputs_raise_clear_errors(tiny_model, random_dataset, info):
         bna.align_batch_stats(module, variables, np.zeros((32, 32, 3), np.float32), None, {}, jax.random.key(0))
     with pytest.raises(ValueError, match="divergence"):
         bna.BNAConfig(divergence="hellinger")
+    with pytest.raises(ValueError, match="neurons"):
+        bna.BNAConfig(neurons="pixel")
     with pytest.raises(ValueError, match="kind"):
         bna.BNAConfig(reverse={"kind": "warp"})
     assert bna.BNAConfig(reverse={"steps": 7}).reverse.steps == 7  # CLI: --set reverse="{'steps': 7}"
