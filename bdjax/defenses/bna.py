@@ -65,6 +65,7 @@ class BNAConfig:
     - ``bin_width`` Δb = 0.1 between each neuron's clean min and max, ``tau`` τ = 150;
     - ``divergence`` TV (sec. 5.2), or "js" / "kl" (appendix 10);
     - ``learning_rate`` 0.01 (Adam), ``epochs`` 10; ``batch_size`` is ours (not given).
+    ``neurons``: "channel" or "position", what a conv layer's neuron is (module docstring).
     ``reverse``: the pair search (``ReverseConfig``, or a dict of its fields from the CLI);
     its ``kind`` is "patch" for patch triggers, "perturbation" for subtle/global ones.
     ``source_classes``: restrict the pair search to these source classes (None: all; the
