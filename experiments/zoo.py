@@ -80,13 +80,18 @@ def _jsonable_spec(spec: RunSpec) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(spec)))
 
 
+def _rate(value) -> str:
+    """A rate for the table; a clean model has no ASR (None)."""
+    return "—" if value is None else f"{value:.4f}"
+
+
 def write_table(zoo_dir: Path = ZOO_DIR) -> Path:
     rows = []
     for run_dir in sorted(p for p in zoo_dir.iterdir() if (p / checkpoint.RECORD_FILE).is_file()):
         record = checkpoint.read_record(run_dir)
         spec, m = record["spec"], record["metrics"]
         rows.append(f"| {run_dir.name} | {record['model']} | {record['dataset']} | {spec['attack']} | "
-                    f"{record['train_size']} | {spec['epochs']} | {m['acc']:.4f} | {m['asr']:.4f} | "
+                    f"{record['train_size']} | {spec['epochs']} | {m['acc']:.4f} | {_rate(m['asr'])} | "
                     f"{record['train_seconds'] / 60:.1f} | {record.get('backend', '?')} |")
     text = "\n".join([
         "# Model zoo",
@@ -139,7 +144,7 @@ def main(argv=None) -> int:
             started = time.perf_counter()
             run = train_run(spec, run_dir, args.data_dir, progress=False)
             m = run.record["metrics"]
-            print(f"[done] {name}: ACC {m['acc']:.4f} ASR {m['asr']:.4f} "
+            print(f"[done] {name}: ACC {m['acc']:.4f} ASR {_rate(m['asr'])} "
                   f"({time.perf_counter() - started:.0f} s)", flush=True)
             write_table(args.out)
     print(f"wrote {write_table(args.out)}")
