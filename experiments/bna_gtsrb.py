@@ -45,18 +45,6 @@ PAPER = {
 PAPER_DETECTION = "TPR 0.9872 / FPR 0.1390 (CIFAR-10 BadNet A2O, t.8)"
 
 
-def rule_report(module, variables, aligned, sets) -> dict:
-    """ACC / ASR / SIA of the paper's rule, and its detector rates."""
-    clean_pred, clean_flag = bna.mitigated_predict(module, variables, aligned, sets.clean.images)
-    trig_pred, trig_flag = bna.mitigated_predict(module, variables, aligned, sets.triggered.images)
-    plain = bna.mitigated_predict(module, variables, {}, sets.clean.images)[0]
-    at_target = np.isin(plain, list(aligned)) if aligned else np.zeros(plain.shape, bool)
-    return {"acc": np.mean(clean_pred == sets.clean.labels), "asr": np.mean(trig_pred == sets.targets),
-            "sia": np.mean(trig_pred == sets.triggered.labels), "tpr": trig_flag.mean(),
-            "fpr_target": clean_flag[at_target].mean() if at_target.any() else float("nan"),
-            "fpr_all": clean_flag.mean()}
-
-
 def divergence_table(module, variables, stats, edges, clean_images, triggered_images, tau) -> dict:
     """{kind: {layer: (before, after)}}: Σ_neurons D(p_clean ‖ q_triggered) per BN layer."""
     units = surgery.bn_units(module)
@@ -116,7 +104,7 @@ def main(argv=None):
             result = bna.bna(run.module, run.variables, clean, key, config)
             seconds = time.perf_counter() - started
             aligned = result.info["aligned"]
-            r = rule_report(run.module, run.variables, aligned, sets) if len(sets.triggered) else None
+            r = bna.rule_rates(run.module, run.variables, aligned, sets) if len(sets.triggered) else None
             detected = result.info["detection"]["targets"]
             if r is None:
                 clean_pred = bna.mitigated_predict(run.module, run.variables, aligned, sets.clean.images)[0]

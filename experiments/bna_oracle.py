@@ -15,8 +15,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from bdjax import checkpoint
 from bdjax.data.dataset import to_float
@@ -41,19 +39,15 @@ def main(argv=None):
     if not hasattr(run.attack, "mask"):
         raise SystemExit(f"{args.run}: the oracle needs a patch attack (mask + pattern), got {type(run.attack).__name__}")
     clean, sets = split_for_defense(run, 10, 0, args.data_dir, eval_limit=args.eval_limit)
-    pattern = jnp.asarray(run.attack.pattern)
-    trigger = Trigger(jnp.asarray(run.attack.mask), pattern, jnp.zeros_like(pattern))
+    trigger = Trigger.patch(run.attack.mask, run.attack.pattern)
     units = bn_units(run.module)
-    ranges = bna.activation_ranges(run.module, run.variables, to_float(clean.images), units, args.neurons)
-    edges = {n: jnp.asarray(bna.histogram_edges(lo, hi)) for n, (lo, hi) in ranges.items()}
+    edges = bna.clean_edges(run.module, run.variables, to_float(clean.images), units, neurons=args.neurons)
     target = run.target.target
     images = to_float(clean.images[clean.labels != target])
 
     def rates(aligned):
-        c = bna.mitigated_predict(run.module, run.variables, aligned, sets.clean.images)[0]
-        t, flagged = bna.mitigated_predict(run.module, run.variables, aligned, sets.triggered.images)
-        return (f"ACC {np.mean(c == sets.clean.labels):.3f} ASR {np.mean(t == sets.targets):.3f} "
-                f"SIA {np.mean(t == sets.triggered.labels):.3f} flagged {flagged.mean():.3f}")
+        r = bna.rule_rates(run.module, run.variables, aligned, sets)
+        return f"ACC {r['acc']:.3f} ASR {r['asr']:.3f} SIA {r['sia']:.3f} flagged {r['tpr']:.3f}"
 
     print(f"{args.run}, no defense: {rates({})}", flush=True)
     for epochs in args.epochs:

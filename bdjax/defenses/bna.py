@@ -164,34 +164,14 @@ def histogram_edges(low, high, bin_width: float = 0.1) -> np.ndarray:
     return np.where(steps[None, :] < bins[:, None], edges, _FAR_EDGE).astype(np.float32)
 
 
-def soft_cdf(values, edges, tau: float):
-    """Mean over samples of σ(τ(z − b_k)): f32[J, K]. values: f32[S, J]; edges: f32[J, K]."""
-    return jnp.mean(jax.nn.sigmoid(tau * (values[:, :, None] - edges[None, :, :])), axis=0)
-
-
-def cdf_to_histogram(cdf):
-    """Bin probabilities f32[J, K + 1] from the soft upper-tail masses f32[J, K] (eq. 6):
-    P(I_1) = 1 − c_1, P(I_i) = c_{i−1} − c_i, P(I_M) = c_{M−1} (single sigmoids at the ends)."""
-    ones, zeros = jnp.ones_like(cdf[:, :1]), jnp.zeros_like(cdf[:, :1])
-    return jnp.concatenate([ones, cdf], axis=1) - jnp.concatenate([cdf, zeros], axis=1)
-
-
-def dense_soft_histogram(values, edges, tau: float):
-    """Soft histogram per neuron from every edge (eqs. 5-6, the definition): f32[J, K + 1].
-
-    Costs S·J·K sigmoids; ``soft_histogram`` computes the same from the three bins around each
-    value and is what BNA uses. Kept as the reference.
-    """
-    return cdf_to_histogram(soft_cdf(values, edges, tau))
-
-
 def soft_histogram(values, edges, tau: float, bin_width: float):
     """Soft histogram per neuron (eqs. 5-6): f32[J, K + 1], rows sum to 1 (mean over samples).
 
     values: f32[S, J]; edges: f32[J, K] from ``histogram_edges`` with the same ``bin_width``.
     With τ·Δb = 15 (the paper's 150 · 0.1) a value puts mass above 3e-7 only in its own bin
     and the two next to it, so only those three are computed (S·J·3 sigmoids, then a
-    scatter-add); the result equals ``dense_soft_histogram`` to ~1e-6 for τ·Δb ≥ 10.
+    scatter-add); the result equals the all-edges form (P(I_i) = σ(τ(z − b_{i−1})) − σ(τ(z − b_i))
+    for every bin, tests/test_bna.py) to ~1e-6 for τ·Δb ≥ 10.
     """
     count = (jnp.sum(edges < _FAR_EDGE / 2, axis=1) + 1)[None, :]  # [1, J] M_j, the bins neuron j uses
     low = (edges[:, 0] - bin_width)[None, :]  # [1, J] b_0 (edges[:, 0] = b_1 is finite whenever M_j > 1)
@@ -255,6 +235,12 @@ def activation_ranges(module, variables, images, units, neurons: str = "channel"
             low[name] = np.minimum(low.get(name, np.inf), values.min(axis=0))
             high[name] = np.maximum(high.get(name, -np.inf), values.max(axis=0))
     return {name: (low[name], high[name]) for name in low}
+
+
+def clean_edges(module, variables, images, units, bin_width: float = 0.1, neurons: str = "channel") -> dict:
+    """{unit name: f32[J, K]} histogram edges between each neuron's min and max over clean ``images``."""
+    ranges = activation_ranges(module, variables, images, units, neurons)
+    return {name: jnp.asarray(histogram_edges(low, high, bin_width)) for name, (low, high) in ranges.items()}
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 5, 6, 7))
@@ -377,6 +363,20 @@ def mitigated_predict(module, variables, aligned: dict, images) -> tuple[np.ndar
     return out, flagged
 
 
+def rule_rates(module, variables, aligned: dict, sets) -> dict:
+    """ACC / ASR / SIA of the paper's rule (flagged inputs keep g_t(x)) on ``sets`` (``TestSets``),
+    and its detector: ``tpr`` = flagged triggered inputs, ``fpr_target`` = flagged clean inputs
+    among those with f(x) a detected target (the paper's table 8), ``fpr_all`` over all clean ones.
+    """
+    clean_pred, clean_flag = mitigated_predict(module, variables, aligned, sets.clean.images)
+    trig_pred, trig_flag = mitigated_predict(module, variables, aligned, sets.triggered.images)
+    at_target = np.isin(predict(module, variables, sets.clean.images), list(aligned))
+    return {"acc": np.mean(clean_pred == sets.clean.labels), "asr": np.mean(trig_pred == sets.targets),
+            "sia": np.mean(trig_pred == sets.triggered.labels), "tpr": trig_flag.mean(),
+            "fpr_target": clean_flag[at_target].mean() if at_target.any() else float("nan"),
+            "fpr_all": clean_flag.mean()}
+
+
 # --------------------------------------------------------------------------- the defense
 @register("bna", BNAConfig, detector=True,
           summary="detect by pair-wise trigger reverse engineering, then align BN mean/std (params untouched)")
@@ -398,8 +398,7 @@ def bna(module, variables, clean: Dataset, key, config: BNAConfig = BNAConfig())
         return DefenseResult(variables, info=info)
 
     units = surgery.bn_units(module)
-    ranges = activation_ranges(module, variables, to_float(clean.images), units, config.neurons)
-    edges = {name: jnp.asarray(histogram_edges(low, high, config.bin_width)) for name, (low, high) in ranges.items()}
+    edges = clean_edges(module, variables, to_float(clean.images), units, config.bin_width, config.neurons)
     aligned, triggers, losses = {}, {}, {}
     for target in detection.targets:
         sources = detection.sources(target)

@@ -87,6 +87,12 @@ class Trigger(struct.PyTreeNode):
     pattern: jax.Array
     delta: jax.Array
 
+    @classmethod
+    def patch(cls, mask, pattern) -> Trigger:
+        """A patch trigger (delta 0): mask f32[..., H, W, 1], pattern f32[..., H, W, C]."""
+        pattern = jnp.asarray(pattern)
+        return cls(jnp.asarray(mask), pattern, jnp.zeros_like(pattern))
+
     def stamp(self, images):
         """images: f32[N, H, W, C] -> f32[N, H, W, C] with the (single) trigger applied."""
         mask = jnp.broadcast_to(self.mask, images.shape)
@@ -120,7 +126,7 @@ def _params_to_trigger(params, kind: str) -> Trigger:
     if kind == "patch":
         mask = (jnp.tanh(params["mask"]) + 1.0) / 2.0
         pattern = (jnp.tanh(params["pattern"]) + 1.0) / 2.0
-        return Trigger(mask, pattern, jnp.zeros_like(pattern))
+        return Trigger.patch(mask, pattern)
     delta = params["delta"]
     return Trigger(jnp.zeros_like(delta[..., :1]), jnp.zeros_like(delta), delta)
 
