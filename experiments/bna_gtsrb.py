@@ -2,7 +2,7 @@
 
     python experiments/bna_gtsrb.py                                   # medium-bn BadNets + Blended
     python experiments/bna_gtsrb.py --only medium-bn-gtsrb-badnets --sources 0 1 2 3 --steps 150
-    python experiments/bna_gtsrb.py --clean-run .pytest_cache/d/bdjax-gtsrb-clean   # table 9 row
+    python experiments/bna_gtsrb.py --only --clean-run experiments/zoo/resnet20-gtsrb-clean --methods bna   # table 9 row
 
 Defense set: 10 clean test images per class (the paper's table 3 setting); the rest of the
 test split (``--eval-limit`` of it) measures ACC / ASR / SIA. BNA's numbers use the paper's

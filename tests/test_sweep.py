@@ -174,13 +174,14 @@ def test_sweep_writes_one_record_per_cell_and_resumes(gtsrb_badnets_dir, data_di
     files = sorted((tmp_path / "cells").glob("*.json"))
     assert len(files) == 2
 
-    # Restart after "a kill" that lost the second cell: only that cell runs again.
-    lost = json.loads(files[1].read_text())["cell"]
-    files[1].unlink()
+    # Restart after "a kill" that lost one cell (files sort by cell id: [0] is CLP's, the cheap
+    # one to rerun): only that cell runs again.
+    lost = json.loads(files[0].read_text())["cell"]
+    files[0].unlink()
     ran = []
     real_run_cell = sweep.run_cell
     monkeypatch.setattr(sweep, "run_cell", lambda cell, *a, **k: ran.append(cell.id) or real_run_cell(cell, *a, **k))
     again = sweep.run_sweep(config, tmp_path, data_dir=data_dir, log=lambda *_: None)
-    assert ran == [lost] and files[1].is_file()
+    assert ran == [lost] and files[0].is_file()
     assert [r["after"] for r in again] == [r["after"] for r in records]
     assert "| clp |" in sweep.results_table(sweep.load_records(tmp_path))
