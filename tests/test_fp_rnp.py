@@ -115,3 +115,11 @@ def test_fp_removes_a_real_badnets_backdoor_and_rnp_removes_it_with_the_model(zo
     assert fp.info["pruned_count"] > 0 and fp_after.asr < 0.1 and fp_after.acc > before.acc - 0.2
     assert pruned.info["unlearning"]["reached"] and pruned.info["pruned_count"] > 0
     assert rnp_after.asr < 0.05  # the backdoor is gone (and, measured, most of the clean accuracy too)
+
+
+def test_a_dict_for_a_nested_config_overrides_only_the_named_fields():
+    """``--set finetune={'epochs':5}`` (CLI, literal_eval) or a dict in Python reaches FP's FinetuneConfig."""
+    config = defenses.make_config(fine_pruning.FinePruningConfig, {"finetune": {"epochs": 5}, "max_acc_drop": 0.2})
+    assert config.finetune == FinetuneConfig(epochs=5) and config.max_acc_drop == 0.2
+    with pytest.raises(ValueError, match=r"FinetuneConfig has no field\(s\) \['epoch'\]"):
+        defenses.make_config(fine_pruning.FinePruningConfig, {"finetune": {"epoch": 5}})

@@ -102,11 +102,29 @@ def check_clean_set(clean: Dataset, method: str, min_size: int = 1):
         raise ValueError(f"{method} needs a clean defense set of at least {min_size} images, got {size}")
 
 
+def _nested_default(field: dataclasses.Field):
+    """The field's default when it is itself a config dataclass (e.g. FP's ``finetune``), else None."""
+    default = field.default
+    if default is dataclasses.MISSING and field.default_factory is not dataclasses.MISSING:
+        default = field.default_factory()
+    return default if dataclasses.is_dataclass(default) and not isinstance(default, type) else None
+
+
 def make_config(config_cls: type, overrides: dict):
-    """``config_cls(**overrides)`` with a clear error for unknown fields (CLI ``--set``)."""
+    """``config_cls(**overrides)`` with a clear error for unknown fields (CLI ``--set``).
+
+    A dict given for a field whose default is a config dataclass overrides only the named fields
+    of that default (``{"finetune": {"epochs": 5}}``), recursively."""
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
     unknown = set(overrides) - set(fields)
     if unknown:
         raise ValueError(f"{config_cls.__name__} has no field(s) {sorted(unknown)}; "
                          f"fields: {', '.join(fields)}")
-    return config_cls(**overrides)
+    values = {}
+    for name, value in overrides.items():
+        nested = _nested_default(fields[name])
+        if nested is not None and isinstance(value, dict):
+            checked = make_config(type(nested), value)  # unknown names fail; deeper dicts convert
+            value = dataclasses.replace(nested, **{k: getattr(checked, k) for k in value})
+        values[name] = value
+    return config_cls(**values)
