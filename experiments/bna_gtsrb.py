@@ -3,6 +3,7 @@
     python experiments/bna_gtsrb.py                                   # medium-bn BadNets + Blended
     python experiments/bna_gtsrb.py --only medium-bn-gtsrb-badnets --sources 0 1 2 3 --steps 150
     python experiments/bna_gtsrb.py --only --clean-run experiments/zoo/resnet20-gtsrb-clean --methods bna   # table 9 row
+    python experiments/bna_gtsrb.py --only resnet20-gtsrb-badnets --methods strip   # table 8's STRIP column
 
 Defense set: 10 clean test images per class (the paper's table 3 setting); the rest of the
 test split (``--eval-limit`` of it) measures ACC / ASR / SIA. BNA's numbers use the paper's
@@ -26,10 +27,11 @@ import jax
 import numpy as np
 
 from bdjax import checkpoint, surgery
+from bdjax.data import stratified_subset
 from bdjax.data.dataset import to_float
-from bdjax.defenses import bna, ibau, neural_cleanse
+from bdjax.defenses import bna, ibau, neural_cleanse, strip
 from bdjax.defenses.reverse_engineer import ReverseConfig
-from bdjax.evaluation import evaluate_model
+from bdjax.evaluation import TestSets, evaluate_model
 from bdjax.runs import split_for_defense
 
 ZOO_DIR = Path(__file__).resolve().parent / "zoo"
@@ -43,6 +45,7 @@ PAPER = {
                 "nc": "0.8132 / 0.0488 / 0.5593 (t.6)", "ibau": "0.7932 / 0.7419 / 0.1427 (t.6)"},
 }
 PAPER_DETECTION = "TPR 0.9872 / FPR 0.1390 (CIFAR-10 BadNet A2O, t.8)"
+PAPER_STRIP = "STRIP @ FPR 0.15: TPR 0.9638 (CIFAR-10 BadNet A2O, t.8)"
 
 
 def divergence_table(module, variables, stats, edges, clean_images, triggered_images, tau) -> dict:
@@ -73,6 +76,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=ReverseConfig.steps, help="reverse-engineering steps")
     parser.add_argument("--chunk-size", type=int, default=ReverseConfig.chunk_size)
     parser.add_argument("--ibau-lr", type=float, default=ibau.IBAUConfig.learning_rate)
+    parser.add_argument("--strip-eval", type=int, default=200, help="clean test images STRIP screens (+ their triggered)")
     parser.add_argument("--clean-run", default=None, help="a clean run dir: BNA's ACC drop on it (table 9)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -128,6 +132,18 @@ def main(argv=None):
                     print(f"| {layer} | " + " | ".join(f"{table[k][layer][0]:.3f} → {table[k][layer][1]:.3f}"
                                                       for k in table) + " |")
                 print(flush=True)
+        if "strip" in args.methods and len(sets.triggered):
+            # The BNA paper's comparison (table 8): STRIP's threshold at 15% FPR on the defender's clean set.
+            started = time.perf_counter()
+            result = strip.strip(run.module, run.variables, clean, key, strip.STRIPConfig(false_positive_rate=0.15))
+            subset = TestSets.build(stratified_subset(sets.clean, args.strip_eval, args.seed + 1), run.attack, run.target)
+            (pred, rejected), (_, trig_rejected) = (result.classifier(subset.clean.images),
+                                                    result.classifier(subset.triggered.images))
+            at_target = pred == run.target.target
+            print(f"| strip (15% clean-set FPR) | | TPR {np.mean(trig_rejected):.4f}, FPR(target) "
+                  f"{np.mean(rejected[at_target]) if at_target.any() else float('nan'):.4f}, FPR(all) "
+                  f"{np.mean(rejected):.4f} on {len(subset.clean)} clean + {len(subset.triggered)} triggered | "
+                  f"{time.perf_counter() - started:.0f} | {PAPER_STRIP} |", flush=True)
         if "nc" in args.methods and len(sets.triggered):
             started = time.perf_counter()
             result = neural_cleanse.neural_cleanse(run.module, run.variables, clean, key,
