@@ -203,8 +203,11 @@ def test_cetf_flags_triggered_inputs_and_passes_clean_ones(badnets_screening):
     _, _, _, triggered, found = badnets_screening
     n = len(triggered)
     tpr, fpr = found.poisoned[:n].mean(), found.poisoned[n:].mean()
-    # Measured: TPR 1.0, FPR 0.3 (3 of 10 clean inputs: a region of this weak model's
-    # (ACC 0.64) clean images also flips > 50% of the filter images). The paper reports ~0 FPR.
+    print(f"TPR {tpr:.2f}, FPR {fpr:.2f}, boxes {found.box[:n][found.poisoned[:n]].tolist()}")
+    # Measured on the committed test model: TPR 0.9, FPR 0.3 (3 of 10 clean inputs: a region of
+    # this weak model's (ACC 0.60) clean images also flips > 50% of the filter images; the regions
+    # found on triggered inputs start at the corner but are large, up to 30x3 or 19x15 pixels).
+    # The paper reports ~0 FPR.
     assert tpr >= 0.8 and fpr <= 0.4, (tpr, fpr, found.box[:n].tolist(), found.switched.tolist())
     # The extracted regions sit on the 2x2 upper-left trigger.
     boxes = found.box[:n][found.poisoned[:n]]
@@ -227,6 +230,8 @@ def test_bn_cleaning_with_extracted_triggers_lowers_asr_and_keeps_acc(badnets_sc
             cleaned = bn_repair.bn_cleaning(run.module, cleaned, repair_set.images[order[start:start + 32]], 0.1)
     before = evaluate_model(run.module, run.variables, sets)
     after = evaluate_model(run.module, cleaned, sets)
-    # Measured: ASR 0.978 -> 0.879, ACC 0.644 -> 0.618. λ = 0.1 moves the statistics only part of
-    # the way (with the TRUE trigger and λ = 0.3: ASR 0.42 but ACC 0.56), far from the paper's ~0.
+    print(f"before {before}, after BN-cleaning {after}")
+    # Measured: ASR 0.985 -> 0.876, ACC 0.616 -> 0.573. λ = 0.1 moves the statistics only part of
+    # the way (on an earlier 0.64-ACC training of this recipe, the TRUE trigger and λ = 0.3 gave ASR
+    # 0.42 but ACC 0.56), far from the paper's ~0.
     assert after.asr < before.asr - 0.05 and after.acc > before.acc - 0.05, (before, after)
