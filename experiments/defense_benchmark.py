@@ -6,7 +6,8 @@
 Every registered defense (``bdjax.defenses.DEFENSES``) runs on the same zoo run (default
 medium-bn GTSRB BadNets), with the same defender's clean set (``--per-class`` images of every
 class from the test split) and is evaluated on the same held-out test images. "defense s" is
-the defense function itself, compilation included, evaluation excluded. Input filters (CETF,
+the defense function itself, compilation included, evaluation excluded (TAC and ABS, the
+thesis's methods, get one image per class of that clean set, their setting). Input filters (CETF,
 STRIP, NEO, BNA's test-time rule) do their work per input at evaluation: for them "screening s
 / input" is the evaluation time divided by the inputs screened, on a smaller evaluation subset
 (``--filter-eval``) so that CETF's per-input search fits. CETF's repairs screen
@@ -33,7 +34,7 @@ import jax
 import numpy as np
 
 from bdjax import checkpoint, defenses
-from bdjax.data import load, stratified_subset
+from bdjax.data import clean_defense_split, load, stratified_subset
 from bdjax.evaluation import TestSets, evaluate, evaluate_model, model_classifier
 from bdjax.runs import split_for_defense
 
@@ -51,7 +52,7 @@ QUICK: dict[str, dict] = {
     "anp": {"iterations": 200},
     "nad": {"epochs": 5, "teacher_epochs": 5},
     "tac": {"ce_epochs": 10, "target_epochs": 50, "original_epochs": 200, "max_candidates": 4},
-    "abs": {"epochs": 100},
+    "abs": {"candidates": 4, "epochs": 50},  # its reversal is full-batch over the clean set per candidate
     "fp": {"finetune": _QUICK_FT},
     "tsbd": {"finetune": _QUICK_FT},
     "bna": {"reverse": _QUICK_REVERSE, "source_classes": (1, 2, 3), "align_all_sources": True},
@@ -59,6 +60,9 @@ QUICK: dict[str, dict] = {
     "nc": {"reverse": _QUICK_REVERSE},
 }
 CETF_REPAIRS = ("cetf+bn-clean", "cetf+bn-unlearn", "cetf+unlearn")
+# The TAC thesis's methods work on one clean image per class (its setting); their reversal runs
+# full-batch over the clean set, so they get that much of the same clean set (a subset of it).
+PER_CLASS = {"tac": 1, "abs": 1}
 
 
 def suspects(run: checkpoint.Run, count: int, data_dir, seed: int = 0) -> np.ndarray:
@@ -107,13 +111,14 @@ def write_table(path: Path, records: list[dict], header: dict) -> None:
         "itself, compilation included, evaluation excluded; filters also report evaluation seconds per "
         "screened input. ACC/ASR of a filter count rejected inputs as wrong / failed.",
         "",
-        "| method | overrides | defense s | screening s / input | ACC % | ASR % | TPR % | FPR % |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | clean set | overrides | defense s | screening s / input | ACC % | ASR % | TPR % | FPR % |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         a = r["after"]
         per_input = r.get("screening_seconds_per_input")
-        lines.append(f"| {r['method']} | {json.dumps(r['overrides']) if r['overrides'] else '—'} | "
+        lines.append(f"| {r['method']} | {r.get('defense_size', header['defense_size'])} | "
+                     f"{json.dumps(r['overrides']) if r['overrides'] else '—'} | "
                      f"{r['defense_seconds']:.1f} | {'–' if per_input is None else f'{per_input:.2f}'} | "
                      f"{_pct(a['acc'])} | {_pct(a['asr'])} | {_pct(a.get('tpr'))} | {_pct(a.get('fpr'))} |")
     path.write_text("\n".join(lines) + "\n")
@@ -158,7 +163,11 @@ def main(argv=None) -> int:
         if method in CETF_REPAIRS:
             overrides["suspect_images"] = suspect_images
             shown["suspects"] = len(suspect_images)
-        record = bench_one(run, method, overrides, clean, sets, filter_sets, args.seed)
+        defense_set = clean
+        if method in PER_CLASS and PER_CLASS[method] < args.per_class:
+            defense_set = clean_defense_split(clean, PER_CLASS[method], args.seed)[0]
+        record = bench_one(run, method, overrides, defense_set, sets, filter_sets, args.seed)
+        record["defense_size"] = len(defense_set)
         record["overrides"] = shown
         records[method] = record
         print(f"{method}: {record['defense_seconds']:.1f} s, after {record['after']}", flush=True)
