@@ -15,7 +15,7 @@ STRIP, NEO, BNA's test-time rule) do their work per input at evaluation: for the
 never overlap the evaluation images).
 
 ``--budget quick`` shrinks the searches and epochs (table QUICK below, printed in the output)
-so the whole benchmark takes about an hour on a 2-core CPU; ``default`` uses each method's
+so the whole benchmark takes about 1.5 hours on one CPU core; ``default`` uses each method's
 library defaults (many hours on a CPU: NC and BNA search every label or class pair with 300
 steps, ANP runs 2,000 iterations, TAC 1,000 reconstruction epochs). One JSON record per method
 is kept in ``--records`` and skipped on a rerun; the table is rewritten from the records.
