@@ -88,7 +88,7 @@ def bench_one(run, method: str, overrides: dict, clean, sets, filter_sets, seed:
     started = time.perf_counter()
     after = evaluate(classifier, eval_sets, detector=spec.detector)
     eval_seconds = time.perf_counter() - started
-    record = {"method": method, "overrides": overrides, "defense_seconds": seconds, "after": after.to_dict(),
+    record = {"method": method, "defense_seconds": seconds, "after": after.to_dict(),
               "eval_size": len(eval_sets.clean), "filter": bool(spec.detector)}
     if spec.detector:
         record["screening_seconds_per_input"] = eval_seconds / (len(eval_sets.clean) + len(eval_sets.triggered))
@@ -122,6 +122,21 @@ def write_table(path: Path, records: list[dict], header: dict) -> None:
                      f"{r['defense_seconds']:.1f} | {'–' if per_input is None else f'{per_input:.2f}'} | "
                      f"{_pct(a['acc'])} | {_pct(a['asr'])} | {_pct(a.get('tpr'))} | {_pct(a.get('fpr'))} |")
     path.write_text("\n".join(lines) + "\n")
+
+
+def _header(args, run, run_name, clean, sets, filter_sets) -> dict:
+    before = evaluate_model(run.module, run.variables, sets)
+    before_filter = evaluate_model(run.module, run.variables, filter_sets)
+    return {
+        "command": f"python experiments/defense_benchmark.py --budget {args.budget}",
+        "machine": f"{jax.default_backend()} ({platform.processor() or platform.machine()}, "
+                   f"{os.cpu_count()} logical cores)",
+        "run": run_name, "defense_size": len(clean), "per_class": args.per_class,
+        "eval_size": len(sets.clean), "filter_eval": f"{len(filter_sets.clean)} clean + "
+                                                     f"{len(filter_sets.triggered)} triggered",
+        "before": f"ACC {100 * before.acc:.1f} %, ASR {100 * before.asr:.1f} % (filter subset: ACC "
+                  f"{100 * before_filter.acc:.1f} %, ASR {100 * before_filter.asr:.1f} %)", "budget": args.budget,
+    }
 
 
 def main(argv=None) -> int:
@@ -176,21 +191,6 @@ def main(argv=None) -> int:
     write_table(args.out, [records[m] for m in methods if m in records], header)
     print(f"wrote {args.out}")
     return 0
-
-
-def _header(args, run, run_name, clean, sets, filter_sets) -> dict:
-    before = evaluate_model(run.module, run.variables, sets)
-    before_filter = evaluate_model(run.module, run.variables, filter_sets)
-    return {
-        "command": f"python experiments/defense_benchmark.py --budget {args.budget}",
-        "machine": f"{jax.default_backend()} ({platform.processor() or platform.machine()}, "
-                   f"{os.cpu_count()} logical cores)",
-        "run": run_name, "defense_size": len(clean), "per_class": args.per_class,
-        "eval_size": len(sets.clean), "filter_eval": f"{len(filter_sets.clean)} clean + "
-                                                     f"{len(filter_sets.triggered)} triggered",
-        "before": f"ACC {100 * before.acc:.1f} %, ASR {100 * before.asr:.1f} % (filter subset: ACC "
-                  f"{100 * before_filter.acc:.1f} %, ASR {100 * before_filter.asr:.1f} %)", "budget": args.budget,
-    }
 
 
 if __name__ == "__main__":
