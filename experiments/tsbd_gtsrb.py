@@ -1,11 +1,13 @@
-"""TSBD, FT, FP and RNP on the zoo's GTSRB models, beside the TSBD slides' Table 1.
+"""TSBD, FT, FP and RNP on the zoo's GTSRB (and CIFAR-10) models, beside the TSBD slides' Table 1.
 
     python experiments/tsbd_gtsrb.py                                   # medium-bn BadNets + Blended, 5% and 1%
     python experiments/tsbd_gtsrb.py --only resnet20-gtsrb-badnets --clean-per-class 15
+    python experiments/tsbd_gtsrb.py --only resnet20-cifar10-badnets --clean-per-class 50 10   # 5% / 1%
     python experiments/tsbd_gtsrb.py --nwc medium-bn-gtsrb-badnets --methods   # only the NWC observation
 
 Defense sets: ``k`` clean test images per class (BackdoorBench gives 5% clean data:
-k = 15 -> 645 of the 12,630 GTSRB test images = 5.1%; k = 3 -> 129 = 1.0%); ACC / ASR on
+k = 15 -> 645 of the 12,630 GTSRB test images = 5.1%; k = 3 -> 129 = 1.0%; CIFAR-10: k = 50 -> 500
+of 10,000 = 5%, k = 10 -> 1%; shares of the test split, which the clean set is drawn from); ACC / ASR on
 ``--eval-limit`` other test images (ASR over non-target images). DER = [max(0, ΔASR) −
 max(0, ΔACC) + 1] / 2. "tsbd" is the default (the authors' two-pass penalty), "tsbd-exact"
 the exact second-order penalty, "tsbd-stage1" the reinitialised model before fine-tuning
@@ -39,7 +41,8 @@ from bdjax.metrics import defense_effectiveness_rating
 from bdjax.runs import split_for_defense
 
 ZOO_DIR = Path(__file__).resolve().parent / "zoo"
-GTSRB_TEST_SIZE = 12630
+# Test-split sizes: the clean set's share is given as a percentage of them.
+TEST_SIZES = {"gtsrb": 12630, "cifar10": 10000}
 DEFAULT_RUNS = ("medium-bn-gtsrb-badnets", "medium-bn-gtsrb-blended")
 METHODS = {"tsbd": ("tsbd", {}), "tsbd-exact": ("tsbd", {"penalty": "exact"}), "ft": ("ft", {}),
            "fp": ("fp", {}), "rnp": ("rnp", {})}
@@ -64,7 +67,7 @@ def defense_rows(run, name: str, k: int, methods, args) -> list[str]:
     clean, sets = split_for_defense(run, k, args.seed, args.data_dir, args.eval_limit)
     before = evaluate_model(run.module, run.variables, sets)
     attack = name.rsplit("-", 1)[-1]
-    share = f"{len(clean)} ({100 * len(clean) / GTSRB_TEST_SIZE:.1f}%)"
+    share = f"{len(clean)} ({100 * len(clean) / TEST_SIZES[run.dataset]:.1f}%)"
     rows = [(f"| {name} | {share} | none | {100 * before.acc:.2f} | {100 * before.asr:.2f} | – | – | "
              f"{paper_cell(attack, 'none')} |")]
     print(rows[0], flush=True)

@@ -42,6 +42,11 @@ CIFAR_ATTACKS = {
     # Suspiciousness / BNA papers: 3x3 random patch at a random fixed location on CIFAR-10.
     "badnets": dict(attack="badnets", attack_args={"size": 3, "pattern": "random", "location": "random"}),
     "blended": dict(attack="blended", attack_args={"alpha": 0.2}),
+    # Suspiciousness paper, Table I's other two rows: Trojan (here the un-optimised trojan-square,
+    # a random-colour 3x3 patch bottom-right) and a clean-label attack (SIG: only target-class
+    # images carry the trigger; at 10% of the training set that is every target-class image).
+    "trojan": dict(attack="trojan", attack_args={"size": 3, "location": "bottom-right"}),
+    "sig": dict(attack="sig"),
 }
 
 # (model, dataset, cpu-variant train subset, cpu-variant epochs); order = priority.

@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bdjax import defenses
+from bdjax import checkpoint, defenses
 from bdjax.data.dataset import Dataset
 from bdjax.defenses import channel_lipschitz, clp, suspicion
 from bdjax.evaluation import evaluate_model
+from bdjax.runs import split_for_defense
 from bdjax.surgery import get_path
 
-from conftest import SYNTHETIC_INFO, random_uint8
+from conftest import SYNTHETIC_INFO, ZOO_DIR, random_uint8
 
 
 @pytest.fixture(scope="module")
@@ -211,3 +212,25 @@ def test_lowering_mu_trades_clean_accuracy_for_asr_on_badnets_gtsrb(zoo_badnets_
           f"{after2.acc:.3f}; mu=1 ASR {after1.asr:.3f} ACC {after1.acc:.3f}")
     assert after2.asr > 0.9 and after2.acc < before.acc - 0.05
     assert after1.asr < before.asr - 0.5 and after1.acc < 0.3
+
+
+@pytest.mark.realdata
+def test_suspicion_pruning_lowers_blended_asr_on_cifar10_resnet20_with_ten_clean_images(data_dir):
+    """The zoo's CIFAR-10 ResNet-20 with the blended trigger (ACC 0.665 / ASR 0.998), defended with
+    the paper's 10 clean images (1 per class). μ = 3 is the value the paper names for Blend
+    (RQ3); the default 3.5 prunes 3 channels and leaves the backdoor. Measured (1,000 evaluation
+    images): μ 3 prunes 6 channels, ASR 0.999 -> 0.600, ACC 0.673 -> 0.630; μ 2 prunes 28, ASR 0.001
+    at ACC 0.345 (experiments/results/suspicion_cifar10.md has every μ and heuristic)."""
+    run = checkpoint.load(ZOO_DIR / "resnet20-cifar10-blended")
+    clean, sets = split_for_defense(run, 1, 0, data_dir, eval_limit=1000)
+    assert len(clean) == 10
+    before = evaluate_model(run.module, run.variables, sets)
+    scores = suspicion.suspicion_scores(run.module, run.variables, clean)
+    (mu3, pruned3), (mu2, pruned2) = suspicion.sweep_mu(run.module, run.variables, scores, [3.0, 2.0])
+    after3, after2 = evaluate_model(run.module, mu3, sets), evaluate_model(run.module, mu2, sets)
+    print(f"before ASR {before.asr:.3f} ACC {before.acc:.3f}; mu=3 ({sum(map(len, pruned3.values()))} pruned) "
+          f"ASR {after3.asr:.3f} ACC {after3.acc:.3f}; mu=2 ({sum(map(len, pruned2.values()))} pruned) "
+          f"ASR {after2.asr:.3f} ACC {after2.acc:.3f}")
+    assert before.asr > 0.95
+    assert after3.asr < before.asr - 0.25 and after3.acc > before.acc - 0.08
+    assert after2.asr < 0.05
