@@ -37,8 +37,8 @@ BACKDOORBENCH_CIFAR10 = {"BadNets": (91.32, 95.03), "Blended": (93.47, 99.92), "
                          "WaNet": (91.25, 89.73)}
 
 # Experiment files in reading order; any other results/*.md follows alphabetically.
-ORDER = ["cetf_gtsrb.md", "suspicion_table.md", "suspicion_clp_gtsrb.md", "tac_gtsrb.md", "bna_gtsrb.md",
-         "tsbd_gtsrb.md", "sweep_benchmark.md", "defense_benchmark.md"]
+ORDER = ["cetf_gtsrb.md", "suspicion_table.md", "suspicion_cifar10.md", "suspicion_clp_gtsrb.md", "tac_gtsrb.md",
+         "bna_gtsrb.md", "tsbd_gtsrb.md", "sweep_benchmark.md", "defense_benchmark.md"]
 
 
 def demote(markdown: str) -> str:
