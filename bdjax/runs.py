@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 
 from bdjax import attacks as attacks_lib
 from bdjax import checkpoint, defenses, models
@@ -20,7 +21,7 @@ from bdjax.attacks.base import TargetMap, poison_training_set
 from bdjax.data import clean_defense_split, load, stratified_subset
 from bdjax.data.dataset import Dataset
 from bdjax.evaluation import Report, TestSets, evaluate, evaluate_model, model_classifier
-from bdjax.training import TrainConfig, train
+from bdjax.training import TrainConfig, train_many, unstack_models
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +44,15 @@ class RunSpec:
     crop_padding: int = 0
     train_subset: int | None = None  # stratified subset of the training split
     eval_limit: int | None = None  # stratified subset of the test split for the record's metrics
-    seed: int = 0
+    seed: int = 0  # the data: training subset, trigger, poisoned images, evaluation subset
+    # The model: its init, data order and augmentation (None: ``seed``). Models that differ only
+    # here share one poisoned training set and can be trained at once (``train_runs``).
+    model_seed: int | None = None
+
+    @classmethod
+    def from_record(cls, spec: dict) -> "RunSpec":
+        """The spec a run's ``record.json`` stores (fields it predates take their defaults)."""
+        return cls(**spec)
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, optimizer=self.optimizer,
@@ -60,6 +69,23 @@ def make_attack(spec: RunSpec, info) -> tuple[attacks_lib.Attack | None, TargetM
 
 def train_run(spec: RunSpec, out, data_dir=None, progress: bool = True) -> checkpoint.Run:
     """Train the model ``spec`` describes on (poisoned) real data and save it into ``out``."""
+    return train_runs([spec], [out], data_dir, progress)[0]
+
+
+def train_runs(specs: list[RunSpec], outs: list, data_dir=None, progress: bool = True) -> list[checkpoint.Run]:
+    """Train several models of one recipe at once (vmapped, ``train_many``) and save each.
+
+    The specs may differ only in ``model_seed``: they share the poisoned training set (drawn
+    from ``seed``) and get their own init, data order and augmentation. This is how a
+    table over "several models per architecture" is trained in one program.
+    """
+    if not specs or len(specs) != len(outs):
+        raise ValueError(f"need one output directory per spec, got {len(specs)} specs and {len(outs)} outputs")
+    spec = specs[0]
+    for other in specs[1:]:
+        if dataclasses.replace(other, model_seed=spec.model_seed) != spec:
+            raise ValueError("train_runs: the specs may differ only in model_seed; "
+                             f"{other} differs from {spec} elsewhere")
     started = time.perf_counter()
     train_set = load(spec.dataset, "train", data_dir)
     test_set = load(spec.dataset, "test", data_dir)
@@ -73,21 +99,29 @@ def train_run(spec: RunSpec, out, data_dir=None, progress: bool = True) -> check
                                        rate=spec.poison_rate)
         train_set, poison_count = poisoned.dataset, int(poisoned.poison_indices.size)
     module = models.create(spec.model, train_set.info)
-    result = train(module, train_set, spec.train_config(), jax.random.fold_in(seed_key, 3), progress=progress)
+    model_seeds = [spec.seed if s.model_seed is None else s.model_seed for s in specs]
+    keys = jnp.stack([jax.random.fold_in(jax.random.key(s), 3) for s in model_seeds])
+    result = train_many(module, train_set, spec.train_config(), keys, progress=progress)
     eval_set = test_set
     if spec.eval_limit:
         eval_set = stratified_subset(test_set, spec.eval_limit, jax.random.fold_in(seed_key, 4))
-    report = evaluate_model(module, result.variables, TestSets.build(eval_set, attack, target))
-    record = {
-        "dataset": spec.dataset, "model": spec.model, "spec": dataclasses.asdict(spec),
-        "train_config": dataclasses.asdict(spec.train_config()), "poison_count": poison_count,
-        "train_size": len(train_set), "eval_size": len(eval_set), "metrics": report.to_dict(),
-        "train_seconds": result.seconds, "total_seconds": time.perf_counter() - started,
-        "history": [{k: float(v) for k, v in h.items()} for h in result.history],
-        "backend": jax.default_backend(),
-    }
-    checkpoint.save(out, result.variables, record, attack, target)
-    return checkpoint.load(out)
+    sets = TestSets.build(eval_set, attack, target)
+    runs = []
+    for i, (one_spec, out, variables) in enumerate(zip(specs, outs, unstack_models(result.variables, len(specs)))):
+        report = evaluate_model(module, variables, sets)
+        record = {
+            "dataset": spec.dataset, "model": spec.model, "spec": dataclasses.asdict(one_spec),
+            "train_config": dataclasses.asdict(spec.train_config()), "poison_count": poison_count,
+            "train_size": len(train_set), "eval_size": len(eval_set), "metrics": report.to_dict(),
+            # Wall-clock of the shared program (every model of the batch reports the same time).
+            "train_seconds": result.seconds, "total_seconds": time.perf_counter() - started,
+            "trained_together": len(specs),
+            "history": [{k: float(v[i]) for k, v in h.items()} for h in result.history],
+            "backend": jax.default_backend(),
+        }
+        checkpoint.save(out, variables, record, attack, target)
+        runs.append(checkpoint.load(out))
+    return runs
 
 
 @dataclasses.dataclass

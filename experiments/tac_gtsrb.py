@@ -3,10 +3,15 @@ in the style of the thesis's table 5.4, with reconstruction MSE (table 5.6) and 
 
     python experiments/tac_gtsrb.py                                  # every GTSRB zoo run
     python experiments/tac_gtsrb.py --only small-bn-gtsrb-badnets --original-epochs 1000
+    python experiments/tac_gtsrb.py --only small-bn-gtsrb-badnets --seeds 5   # table 5.4's means
 
 Defense set: 1 clean test image per class (43, as the thesis); ACC / ASR on ``--eval-limit``
-other test images. One model (seed) per architecture and attack: the thesis averages 25
-(5 for ResNet-18), so our "successful" counts are 0/1 or 1/1. Each finished model is
+other test images. Without ``--seeds``: the zoo's one model per architecture and attack, so
+"successful" counts are 0/1 or 1/1. With ``--seeds N``: N models of the zoo's recipe that
+differ only in their init and data order (model seed 0 is the zoo model; seeds 1..N-1 are
+trained together in one vmapped program, ``runs.train_runs``, into ``experiments/zoo/seeds/``
+if missing); the table then gives mean drops and k/N successes, as the thesis's (which
+averages 25 models, 5 for ResNet-18, each its own training run). Each finished model is
 appended to ``--json`` so an interrupted run keeps its rows; ``--table-only`` rebuilds the
 markdown table from that file.
 """
@@ -14,6 +19,7 @@ markdown table from that file.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -26,12 +32,14 @@ from bdjax import checkpoint, metrics
 from bdjax.defenses import abs_candidates, clp, tac
 from bdjax.defenses.trigger_reconstruction import apply_tanh_trigger
 from bdjax.evaluation import evaluate_model
-from bdjax.runs import split_for_defense
+from bdjax.runs import split_for_defense, train_runs
+from zoo import zoo_specs
 
 ZOO_DIR = Path(__file__).resolve().parent / "zoo"
+SEEDS_DIR = ZOO_DIR / "seeds"
 RESULTS = Path(__file__).resolve().parent / "results"
 RUNS = [f"{model}-gtsrb-{attack}" for attack in ("badnets", "blended")
-        for model in ("small-bn", "medium-bn", "resnet20")]
+        for model in ("small-bn", "medium-bn", "resnet20", "small", "medium", "large", "large-bn")]
 # Thesis table 5.4 (means over 25 models, 5 for ResNet-18): (ACC, ASR before; CLP ACC drop,
 # ASR drop, successes; new method ACC drop, ASR drop, successes) and table 5.6 (MSE of the
 # new method). ResNet-18 is the thesis's nearest architecture to our ResNet-20.
@@ -42,14 +50,43 @@ THESIS = {
     ("small-bn", "blended"): ("SmallBN", 0.90, 0.99, 0.08, 0.00, "0/25", 0.54, 0.92, "1/25", 2.19),
     ("medium-bn", "blended"): ("MediumBN", 0.94, 1.00, 0.12, 0.00, "0/25", 0.28, 0.42, "3/25", 1.31),
     ("resnet20", "blended"): ("ResNet-18", 0.90, 1.00, 0.01, 0.53, "2/5", 0.05, 0.89, "5/5", 0.83),
+    ("small", "badnets"): ("Small", 0.84, 0.99, 0.00, 0.00, "0/25", 0.37, 0.24, "0/25", 0.68),
+    ("medium", "badnets"): ("Medium", 0.89, 1.00, 0.05, 0.00, "0/25", 0.11, 0.11, "0/25", 0.40),
+    ("large", "badnets"): ("Large", 0.92, 1.00, 0.08, 0.00, "0/25", 0.10, 0.01, "0/25", 0.61),
+    ("large-bn", "badnets"): ("LargeBN", 0.96, 1.00, 0.12, 0.00, "0/25", 0.22, 0.52, "6/25", 2.04),
+    ("small", "blended"): ("Small", 0.82, 0.85, 0.00, 0.00, "0/25", 0.71, 0.84, "0/25", 1.20),
+    ("medium", "blended"): ("Medium", 0.89, 0.96, 0.06, 0.00, "0/25", 0.64, 0.93, "1/25", 2.48),
+    ("large", "blended"): ("Large", 0.90, 0.99, 0.08, 0.00, "0/25", 0.41, 0.51, "0/25", 1.96),
+    ("large-bn", "blended"): ("LargeBN", 0.96, 1.00, 0.14, 0.24, "1/25", 0.04, 0.57, "9/25", 0.77),
 }
 
 
-def measure(name: str, args) -> dict:
-    run = checkpoint.load(ZOO_DIR / name)
+def seed_models(name: str, seeds: int, data_dir) -> list[tuple[str, Path]]:
+    """(row name, run directory) of ``seeds`` models of zoo run ``name``'s recipe; model seed 0
+    is the zoo model, the others are trained together (``train_runs``) where missing."""
+    spec = zoo_specs()[name]
+    models = [(name, ZOO_DIR / name)] + [(f"{name}-m{k}", SEEDS_DIR / f"{name}-m{k}") for k in range(1, seeds)]
+    missing = [(k, path) for k, (_, path) in enumerate(models) if not (path / "record.json").exists()]
+    if missing:
+        if missing[0][0] == 0:
+            raise FileNotFoundError(f"{ZOO_DIR / name} is missing: train it with experiments/zoo.py --only {name}")
+        print(f"training {len(missing)} models of {name} together (model seeds {[k for k, _ in missing]})", flush=True)
+        runs = train_runs([dataclasses.replace(spec, model_seed=k) for k, _ in missing],
+                          [path for _, path in missing], data_dir, progress=False)
+        for (k, _), run in zip(missing, runs):
+            m = run.record["metrics"]
+            print(f"  {name} model seed {k}: ACC {m['acc']:.3f} ASR {m['asr']:.3f} "
+                  f"({run.record['train_seconds']:.0f} s for all {len(runs)})", flush=True)
+    return models
+
+
+def measure(name: str, args, run_dir: Path | None = None) -> dict:
+    run = checkpoint.load(run_dir or ZOO_DIR / name)
     clean, sets = split_for_defense(run, 1, args.seed, args.data_dir, args.eval_limit)
     before = evaluate_model(run.module, run.variables, sets)
+    spec = run.record["spec"]
     row = {"run": name, "model": run.record["model"], "attack": run.attack.name,
+           "model_seed": spec.get("model_seed") or spec["seed"],
            "defense_size": len(clean), "eval_size": len(sets.clean), "before": before.to_dict()}
 
     def record(method, variables, seconds, **extra):
@@ -92,8 +129,9 @@ def measure(name: str, args) -> dict:
         if "t_plus" in t:
             entry["reconstruction_mse"] = tac.reconstruction_mse(
                 images, lambda x, t=t: apply_tanh_trigger(x, t["t_plus"], t["t_minus"]), run.attack.apply)
-            np.save(RESULTS / "tac_triggers" / f"{name}-{t['unit'].replace('/', '_')}-{t['channel']}.npy",
-                    t["perturbation"])
+            if name in RUNS:  # the zoo model's triggers are plotted (seed models' are not saved)
+                np.save(RESULTS / "tac_triggers" / f"{name}-{t['unit'].replace('/', '_')}-{t['channel']}.npy",
+                        t["perturbation"])
         triggers.append(entry)
     record("tac", result.variables, seconds, pruned=result.info["pruned_count"],
            candidates=len(result.info["candidates"]), detected=result.info["detected"],
@@ -135,6 +173,32 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def seeds_table(rows: list[dict]) -> str:
+    """Table 5.4 proper: per zoo recipe and method, mean ACC / ASR before, mean drops and k/N
+    successes over the model seeds measured (rows named ``<run>`` and ``<run>-m<k>``)."""
+    lines = ["| recipe | models | ACC / ASR before (mean) | method | ACC ↓ (mean) | ASR ↓ (mean) | success | "
+             "thesis: arch, ACC/ASR before, ACC ↓, ASR ↓, success |",
+             "|---|---|---|---|---|---|---|---|"]
+    for recipe in [r for r in RUNS if any(row["run"] == r for row in rows)]:
+        group = [row for row in rows if row["run"] == recipe or row["run"].startswith(recipe + "-m")]
+        thesis = THESIS[(group[0]["model"], group[0]["attack"])]
+        acc0 = np.mean([row["before"]["acc"] for row in group])
+        asr0 = np.mean([row["before"]["asr"] for row in group])
+        for method in ("clp", "tac_oracle", "tac"):
+            done = [row for row in group if method in row]
+            if not done:
+                continue
+            acc_drop = np.mean([row["before"]["acc"] - row[method]["after"]["acc"] for row in done])
+            asr_drop = np.mean([row["before"]["asr"] - row[method]["after"]["asr"] for row in done])
+            wins = sum(row[method]["success"] for row in done)
+            ref = {"clp": f"{thesis[0]}, {thesis[1]:.2f}/{thesis[2]:.2f}, {thesis[3]:.2f}, {thesis[4]:.2f}, {thesis[5]}",
+                   "tac": f"{thesis[0]}, {thesis[1]:.2f}/{thesis[2]:.2f}, {thesis[6]:.2f}, {thesis[7]:.2f}, {thesis[8]}",
+                   "tac_oracle": "-"}[method]
+            lines.append(f"| {recipe} | {len(done)} | {acc0:.3f} / {asr0:.3f} | {method} | {acc_drop:.3f} | "
+                         f"{asr_drop:.3f} | {wins}/{len(done)} | {ref} |")
+    return "\n".join(lines)
+
+
 def plot_triggers(out: Path):
     """True trigger (its change to a mid-grey image) beside every reconstructed perturbation
     saved in ``results/tac_triggers/``; both shown as 0.5 + perturbation / 2."""
@@ -173,23 +237,30 @@ def main(argv=None):
     parser.add_argument("--abs-candidates", type=int, default=abs_candidates.AbsConfig.candidates)
     parser.add_argument("--abs-epochs", type=int, default=abs_candidates.AbsConfig.epochs)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", default=str(RESULTS / "tac_gtsrb.json"))
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="N models per recipe (model seeds 0..N-1, 0 = the zoo model); default json "
+                             "results/tac_gtsrb_seeds.json and the mean / k-of-N table")
+    parser.add_argument("--json", default=None, help="default results/tac_gtsrb.json (tac_gtsrb_seeds.json with --seeds)")
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args(argv)
 
     (RESULTS / "tac_triggers").mkdir(parents=True, exist_ok=True)
-    path = Path(args.json)
+    path = Path(args.json or RESULTS / ("tac_gtsrb_seeds.json" if args.seeds else "tac_gtsrb.json"))
     rows = json.loads(path.read_text()) if path.exists() else []
     if not args.table_only:
         for name in args.only:
+            if name not in RUNS:
+                raise SystemExit(f"unknown run {name!r}; choose from {RUNS}")
             if not (ZOO_DIR / name / "record.json").exists():
                 print(f"skipping {name}: not in the zoo")
                 continue
-            old = next((r for r in rows if r["run"] == name), {})
-            rows = [r for r in rows if r["run"] != name] + [{**old, **measure(name, args)}]
-            path.write_text(json.dumps(rows, indent=1, default=float))
-    print(table(rows))
-    plot_triggers(Path(args.json).with_suffix(".png"))
+            for row_name, run_dir in seed_models(name, args.seeds, args.data_dir) if args.seeds else [(name, None)]:
+                old = next((r for r in rows if r["run"] == row_name), {})
+                rows = [r for r in rows if r["run"] != row_name] + [{**old, **measure(row_name, args, run_dir)}]
+                path.write_text(json.dumps(rows, indent=1, default=float))
+    print(seeds_table(rows) if args.seeds else table(rows))
+    if not args.seeds:
+        plot_triggers(path.with_suffix(".png"))
 
 
 if __name__ == "__main__":

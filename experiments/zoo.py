@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -81,10 +80,6 @@ def zoo_specs(full: bool = False) -> dict[str, RunSpec]:
     return specs
 
 
-def _jsonable_spec(spec: RunSpec) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(spec)))
-
-
 def _rate(value) -> str:
     """A rate for the table; a clean model has no ASR (None)."""
     return "—" if value is None else f"{value:.4f}"
@@ -140,7 +135,7 @@ def main(argv=None) -> int:
                 continue
             run_dir = args.out / name
             try:
-                if checkpoint.load(run_dir).record["spec"] == _jsonable_spec(spec):
+                if RunSpec.from_record(checkpoint.load(run_dir).record["spec"]) == spec:
                     print(f"[skip] {name}: already trained", flush=True)
                     continue
                 print(f"[retrain] {name}: the recipe changed", flush=True)

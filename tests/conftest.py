@@ -13,9 +13,7 @@ Add new shared fixtures below, one per concern; training on real data does not b
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
-import json
 import os
 from pathlib import Path
 
@@ -148,8 +146,8 @@ def gtsrb_test(data_dir) -> Dataset:
 def gtsrb_badnets_dir(data_dir) -> Path:
     """Run directory of the committed GTSRB_TEST_SPEC model (read-only: never write into it)."""
     path = MODELS_DIR / "medium-bn-gtsrb-badnets-4k"
-    wanted = json.loads(json.dumps(dataclasses.asdict(GTSRB_TEST_SPEC)))
-    assert checkpoint.read_record(path)["spec"] == wanted, "tests/models/ holds another recipe than GTSRB_TEST_SPEC"
+    recorded = RunSpec.from_record(checkpoint.read_record(path)["spec"])
+    assert recorded == GTSRB_TEST_SPEC, "tests/models/ holds another recipe than GTSRB_TEST_SPEC"
     return path
 
 

@@ -54,3 +54,29 @@ def test_the_test_models_recipe_plants_the_backdoor_again(gtsrb_badnets_run, dat
     metrics = train_run(GTSRB_TEST_SPEC, tmp_path / "run", data_dir, progress=False).record["metrics"]
     assert metrics["asr"] > 0.9, metrics
     assert abs(metrics["acc"] - gtsrb_badnets_run.record["metrics"]["acc"]) < 0.1, metrics
+
+
+def test_train_runs_trains_models_of_one_recipe_together_on_one_poisoned_set(data_dir, tmp_path):
+    """Several model seeds of one recipe in one vmapped program: same trigger and poisoned
+    images, different models, each saved with the spec that names its model seed."""
+    import dataclasses
+
+    import jax
+
+    from bdjax.runs import RunSpec, train_runs
+
+    spec = RunSpec(dataset="gtsrb", model="small", attack="badnets", target=14, epochs=1,
+                   batch_size=64, train_subset=640, eval_limit=200)
+    specs = [dataclasses.replace(spec, model_seed=k) for k in (0, 1)]
+    runs = train_runs(specs, [tmp_path / "m0", tmp_path / "m1"], data_dir, progress=False)
+    first, second = runs
+    assert [RunSpec.from_record(r.record["spec"]) for r in runs] == specs
+    assert first.record["poison_count"] == second.record["poison_count"] == 64
+    assert first.record["trained_together"] == 2
+    np.testing.assert_array_equal(np.asarray(first.attack.mask), np.asarray(second.attack.mask))
+    kernels = [jax.tree_util.tree_leaves(r.variables["params"])[0] for r in runs]
+    assert not np.allclose(kernels[0], kernels[1]), "model seeds 0 and 1 gave the same model"
+    with pytest.raises(ValueError, match="differ only in model_seed"):
+        train_runs([spec, dataclasses.replace(spec, epochs=2)], [tmp_path / "a", tmp_path / "b"], data_dir)
+    with pytest.raises(ValueError, match="one output directory per spec"):
+        train_runs(specs, [tmp_path / "a"], data_dir)
