@@ -26,7 +26,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from bdjax import checkpoint, surgery
+from bdjax import checkpoint
 from bdjax.data import stratified_subset
 from bdjax.data.dataset import to_float
 from bdjax.defenses import bna, ibau, neural_cleanse, strip
@@ -48,17 +48,17 @@ PAPER_DETECTION = "TPR 0.9872 / FPR 0.1390 (CIFAR-10 BadNet A2O, t.8)"
 PAPER_STRIP = "STRIP @ FPR 0.15: TPR 0.9638 (CIFAR-10 BadNet A2O, t.8)"
 
 
-def divergence_table(module, variables, stats, edges, clean_images, triggered_images, tau) -> dict:
-    """{kind: {layer: (before, after)}}: Σ_neurons D(p_clean ‖ q_triggered) per BN layer."""
-    units = surgery.bn_units(module)
-    p = bna.soft_histograms(module, variables, clean_images, units, edges, tau)
-    q_before = bna.soft_histograms(module, variables, triggered_images, units, edges, tau)
-    q_after = bna.soft_histograms(module, {**variables, "batch_stats": stats}, triggered_images, units, edges, tau)
-    table = {}
+def divergence_markdown(tables: dict) -> str:
+    """{row label: bna.divergence_table(...)} as one Markdown table: a column per layer and
+    the sum over layers, a row per (divergence, label), as the paper's table 13."""
+    layers = list(next(iter(tables.values()))["tv"])
+    lines = ["| divergence | model | " + " | ".join(layers) + " | sum |", "|---|---|" + "---|" * (len(layers) + 1)]
     for kind in bna.DIVERGENCES:
-        before, after = bna.layer_divergences(p, q_before, kind), bna.layer_divergences(p, q_after, kind)
-        table[kind] = {name: (before[name], after[name]) for name in before}
-    return table
+        for label, table in tables.items():
+            values = [table[kind][layer] for layer in layers]
+            lines.append(f"| {kind.upper()} | {label} | " + " | ".join(f"{v:.3f}" for v in values) +
+                         f" | {sum(values):.3f} |")
+    return "\n".join(lines)
 
 
 def fmt(r) -> str:
@@ -124,14 +124,11 @@ def main(argv=None):
                 target = run.target.target if run.target.target in aligned else detected[0]
                 images = to_float(sets.triggered.images[:200])
                 clean_images = to_float(sets.clean.images[np.isin(sets.clean.labels, sets.triggered.labels[:200])][:200])
-                table = divergence_table(run.module, run.variables, aligned[target], result.info["edges"],
-                                         clean_images, images, config.tau)
-                print("| layer | " + " | ".join(f"{k.upper()} before → after" for k in table) + " |")
-                print("|---|" + "---|" * len(table))
-                for layer in table["tv"]:
-                    print(f"| {layer} | " + " | ".join(f"{table[k][layer][0]:.3f} → {table[k][layer][1]:.3f}"
-                                                      for k in table) + " |")
-                print(flush=True)
+                edges = result.info["edges"]
+                before = bna.divergence_table(run.module, run.variables, clean_images, images, edges, config.tau)
+                after = bna.divergence_table(run.module, run.variables, clean_images, images, edges, config.tau,
+                                             aligned_stats=aligned[target])
+                print(divergence_markdown({"poisoned": before, f"BNA (g_{target})": after}), flush=True)
         if "strip" in args.methods and len(sets.triggered):
             # The BNA paper's comparison (table 8): STRIP's threshold at 15% FPR on the defender's clean set.
             started = time.perf_counter()

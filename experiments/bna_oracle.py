@@ -2,9 +2,15 @@
 
     python experiments/bna_oracle.py --run resnet20-gtsrb-badnets --epochs 1 3 5 10
     python experiments/bna_oracle.py --run medium-bn-gtsrb-badnets --epochs 10 --lr 0.03 --neurons position
+    python experiments/bna_oracle.py --run resnet20-gtsrb-badnets --divergence --clean-run resnet20-gtsrb-clean
 
 Defense set: 10 clean test images per class; alignment on those not of the target class;
 ACC / ASR / SIA of the paper's rule (flagged inputs keep g_t(x)) on 1,000 other test images.
+``--divergence``: the paper's table 13 per BN layer (TV / JS / KL summed over neurons) between
+200 clean evaluation images and 200 triggered ones (not the same images), in the poisoned model
+and in g_t after each alignment, and with ``--clean-run`` in a clean model of the same
+architecture and dataset given the same trigger (the table's "clean DNN" row; its histogram
+edges come from its own clean activations).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from bdjax.defenses import bna
 from bdjax.defenses.reverse_engineer import Trigger
 from bdjax.runs import split_for_defense
 from bdjax.surgery import bn_units
+from bna_gtsrb import divergence_markdown
 
 ZOO_DIR = Path(__file__).resolve().parent / "zoo"
 
@@ -34,6 +41,8 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=bna.BNAConfig.learning_rate)
     parser.add_argument("--neurons", default="channel", choices=bna.NEURONS)
     parser.add_argument("--eval-limit", type=int, default=1000)
+    parser.add_argument("--divergence", action="store_true", help="print the table-13 divergences per BN layer")
+    parser.add_argument("--clean-run", help="zoo run of a clean model for the table's clean-DNN row")
     args = parser.parse_args(argv)
     run = checkpoint.load(ZOO_DIR / args.run)
     if not hasattr(run.attack, "mask"):
@@ -50,6 +59,20 @@ def main(argv=None):
         return f"ACC {r['acc']:.3f} ASR {r['asr']:.3f} SIA {r['sia']:.3f} flagged {r['tpr']:.3f}"
 
     print(f"{args.run}, no defense: {rates({})}", flush=True)
+    tables = {}
+    if args.divergence:
+        clean_eval = to_float(sets.clean.images[sets.clean.labels != target][:200])
+        triggered_eval = to_float(sets.triggered.images[:200])
+        if args.clean_run:
+            other = checkpoint.load(ZOO_DIR / args.clean_run)
+            if other.record["spec"]["attack"] != "none" or other.dataset != run.dataset:
+                raise SystemExit(f"--clean-run {args.clean_run}: need a clean {run.dataset} model")
+            other_edges = bna.clean_edges(other.module, other.variables, to_float(clean.images),
+                                          bn_units(other.module), neurons=args.neurons)
+            tables["clean model"] = bna.divergence_table(other.module, other.variables, clean_eval,
+                                                         triggered_eval, other_edges, neurons=args.neurons)
+        tables["poisoned"] = bna.divergence_table(run.module, run.variables, clean_eval, triggered_eval, edges,
+                                                  neurons=args.neurons)
     for epochs in args.epochs:
         config = bna.BNAConfig(epochs=epochs, learning_rate=args.lr, neurons=args.neurons)
         started = time.perf_counter()
@@ -58,6 +81,12 @@ def main(argv=None):
         seconds = time.perf_counter() - started
         print(f"epochs {epochs}, lr {args.lr:g}, {args.neurons}: {rates({target: stats})}; "
               f"batch loss {losses[0]:.2f} -> {losses[-1]:.2f}; align {seconds:.0f} s", flush=True)
+        if args.divergence:
+            tables[f"BNA oracle, {epochs} epochs"] = bna.divergence_table(
+                run.module, run.variables, clean_eval, triggered_eval, edges, aligned_stats=stats,
+                neurons=args.neurons)
+    if tables:
+        print(divergence_markdown(tables), flush=True)
 
 
 if __name__ == "__main__":

@@ -267,6 +267,21 @@ def layer_divergences(p: dict, q: dict, kind: str) -> dict:
     return {name: float(jnp.sum(divergence(p[name], q[name], kind))) for name in p}
 
 
+def divergence_table(module, variables, clean_images, triggered_images, edges, tau: float = 150.0,
+                     aligned_stats=None, neurons: str = "channel") -> dict:
+    """The paper's table 13 per BN layer: {kind: {unit: Σ_neurons D(p_clean ‖ q_triggered)}}.
+
+    p: histograms of ``clean_images`` in the model ``variables``; q: of ``triggered_images`` in
+    the same model, or, with ``aligned_stats``, in g_t (the model with those ``batch_stats``),
+    which is what BNA's alignment minimises. ``edges``: from ``clean_edges`` on ``variables``.
+    """
+    units = surgery.bn_units(module)
+    p = soft_histograms(module, variables, clean_images, units, edges, tau, neurons=neurons)
+    triggered_model = variables if aligned_stats is None else {**variables, "batch_stats": aligned_stats}
+    q = soft_histograms(module, triggered_model, triggered_images, units, edges, tau, neurons=neurons)
+    return {kind: layer_divergences(p, q, kind) for kind in DIVERGENCES}
+
+
 # --------------------------------------------------------------------------- BN alignment
 def _stats_to_theta(batch_stats):
     """The optimised parameters: BN running mean and std (the 'var' slot holds std)."""
