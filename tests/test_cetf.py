@@ -122,6 +122,13 @@ def test_bn_methods_on_a_model_without_batch_norm_raise(tiny_model, images, rand
     config = bn_repair.RepairConfig(suspect_images=np.zeros((1, 32, 32, 3), np.uint8))
     with pytest.raises(ValueError, match="no BatchNorm"):
         bn_repair.cetf_bn_clean(module, variables, random_dataset, jax.random.key(0), config)
+    trigger = cetf.Trigger(np.full((2, 2, 3), 255, np.uint8), 0, 0)
+    with pytest.raises(ValueError, match="no BatchNorm"):
+        bn_repair.repair_with_triggers("bn-clean", module, variables, random_dataset, [trigger],
+                                       jax.random.key(0), jax.random.key(1))
+    with pytest.raises(ValueError, match="repair must be one of"):
+        bn_repair.repair_with_triggers("bn-reset", module, variables, random_dataset, [trigger],
+                                       jax.random.key(0), jax.random.key(1))
 
 
 def test_repairs_need_inputs_to_screen(tiny_model, random_dataset):
@@ -222,12 +229,10 @@ def test_bn_cleaning_with_extracted_triggers_lowers_asr_and_keeps_acc(badnets_sc
     run, clean, sets, triggered, found = badnets_screening
     triggers = found.triggers(np.concatenate([triggered, sets.clean.images[:REAL_INPUTS]]))
     assert triggers, "CETF extracted no trigger"
-    repair_set = bn_repair.triggered_repair_set(clean, triggers, per_class=2, key=jax.random.key(2))
-    cleaned = run.variables
-    for epoch in range(3):  # the defaults of RepairConfig: 3 epochs, batches of 32, λ = 0.1
-        order = np.random.default_rng(epoch).permutation(len(repair_set))
-        for start in range(0, len(order), 32):
-            cleaned = bn_repair.bn_cleaning(run.module, cleaned, repair_set.images[order[start:start + 32]], 0.1)
+    # RepairConfig's defaults: 2 images per class, 3 epochs, batches of 32, λ = 0.1.
+    cleaned, info = bn_repair.repair_with_triggers("bn-clean", run.module, run.variables, clean, triggers,
+                                                   jax.random.key(2), jax.random.key(3))
+    assert info["repair_size"] == 2 * 43
     before = evaluate_model(run.module, run.variables, sets)
     after = evaluate_model(run.module, cleaned, sets)
     print(f"before {before}, after BN-cleaning {after}")

@@ -130,7 +130,8 @@ def _suspects(config: RepairConfig) -> np.ndarray:
                      "or suspect_file (.npy/.npz), e.g. a batch of deployment inputs; the clean set holds none")
 
 
-def _extract_triggers(module, variables, clean: Dataset, key, config: RepairConfig):
+def extract_triggers(module, variables, clean: Dataset, key, config: RepairConfig) -> tuple[list[Trigger], dict]:
+    """CETF on ``config``'s suspect inputs: (one trigger per flagged input, screening info)."""
     suspects = _suspects(config)
     aux_key, run_key = jax.random.split(key)
     auxiliary, filter_images = auxiliary_split(clean, aux_key, config.cetf)
@@ -140,17 +141,23 @@ def _extract_triggers(module, variables, clean: Dataset, key, config: RepairConf
     return found.triggers(suspects), info
 
 
-def _repair(kind: str, module, variables, clean: Dataset, key, config: RepairConfig) -> DefenseResult:
+REPAIRS = ("bn-clean", "bn-unlearn", "unlearn")
+
+
+def repair_with_triggers(kind: str, module, variables, clean: Dataset, triggers: list[Trigger], data_key,
+                         train_key, config: RepairConfig = RepairConfig()) -> tuple[dict, dict]:
+    """Repair ``kind`` (one of ``REPAIRS``) with given triggers pasted on ``config.per_class``
+    clean images per class: (new variables, info). ``data_key`` draws the repair images,
+    ``train_key`` the unlearning's batches. The registered ``cetf+*`` defenses call this with
+    CETF's triggers; an experiment may pass others (e.g. the true trigger's region) to
+    separate the repair from the search."""
+    if kind not in REPAIRS:
+        raise ValueError(f"repair must be one of {REPAIRS}, got {kind!r}")
     check_clean_set(clean, f"CETF+{kind}")
     if kind != "unlearn":
         surgery.require_batch_norm(variables, f"CETF+{kind}")
-    extract_key, data_key, train_key = jax.random.split(key, 3)
-    triggers, info = _extract_triggers(module, variables, clean, extract_key, config)
-    if not triggers:
-        info["warning"] = "CETF flagged no suspect input: the model is returned unchanged"
-        return DefenseResult(variables, info=info)
     repair_set = triggered_repair_set(clean, triggers, config.per_class, data_key)
-    info["repair_size"] = len(repair_set)
+    info = {"repair_size": len(repair_set)}
     if kind == "bn-clean":
         new = variables
         for epoch in range(config.epochs):
@@ -158,11 +165,24 @@ def _repair(kind: str, module, variables, clean: Dataset, key, config: RepairCon
             for start in range(0, len(order), config.batch_size):
                 new = bn_cleaning(module, new, repair_set.images[order[start:start + config.batch_size]],
                                   config.momentum)
-        return DefenseResult(new, info=info)
+        return new, info
     repair = bn_unlearning if kind == "bn-unlearn" else naive_unlearning
     new, losses = repair(module, variables, repair_set, train_key, epochs=config.epochs,
                          batch_size=config.batch_size, learning_rate=config.learning_rate)
-    return DefenseResult(new, info={**info, "losses": losses})
+    return new, {**info, "losses": losses}
+
+
+def _repair(kind: str, module, variables, clean: Dataset, key, config: RepairConfig) -> DefenseResult:
+    check_clean_set(clean, f"CETF+{kind}")
+    if kind != "unlearn":  # before the search: a model without BN fails fast
+        surgery.require_batch_norm(variables, f"CETF+{kind}")
+    extract_key, data_key, train_key = jax.random.split(key, 3)
+    triggers, info = extract_triggers(module, variables, clean, extract_key, config)
+    if not triggers:
+        info["warning"] = "CETF flagged no suspect input: the model is returned unchanged"
+        return DefenseResult(variables, info=info)
+    new, repair_info = repair_with_triggers(kind, module, variables, clean, triggers, data_key, train_key, config)
+    return DefenseResult(new, info={**info, **repair_info})
 
 
 @register("cetf+bn-clean", RepairConfig, summary="CETF triggers + BN-cleaning (running stats only, no gradients)")
