@@ -19,7 +19,10 @@ test split is the evaluation set):
    (screened once) and with the attack's own trigger (the paper's Tables VII / VIII setting;
    on a patch attack, what a perfect extraction would give, which separates the repair from
    the search);
-4. timing: one image's DE search with the population vmapped (one compiled program) against a
+4. populations (the paper's Table IV): ASR left after CETF (a successful poisoned input that
+   CETF does not flag) for population sizes ``--populations`` on ``--population-inputs``
+   triggered inputs, with clean-input FPR on as many clean ones;
+5. timing: one image's DE search with the population vmapped (one compiled program) against a
    Python loop over the individuals (jitted fitness per individual), same generations.
 
 Everything is timed on whatever machine runs it (a shared 2-core CPU for the committed results).
@@ -120,6 +123,24 @@ def repairs(run, suspects, data_dir, seed) -> dict:
                             "screened": info.get("screened"), "repair_size": info.get("repair_size"),
                             "warning": info.get("warning"), "regions": info.get("regions")}
             print(method, rows[method], flush=True)
+    return rows
+
+
+def populations(run, clean, triggered, clean_inputs, key, sizes) -> dict:
+    """Table IV: TPR (= 1 − ASR left on successful poisoned inputs) and FPR per population size."""
+    aux_key, run_key = jax.random.split(key)
+    rows = {}
+    for size in sizes:
+        config = cetf.CETFConfig(population_size=size)
+        auxiliary, filter_images = cetf.auxiliary_split(clean, aux_key, config)
+        started = time.perf_counter()
+        found = cetf.screen(run.module, run.variables, np.concatenate([triggered, clean_inputs]), auxiliary,
+                            filter_images, run_key, config)
+        n = len(triggered)
+        rows[str(size)] = {"asr_left": float(1 - found.poisoned[:n].mean()), "fpr": float(found.poisoned[n:].mean()),
+                           "inputs": n, "seconds": time.perf_counter() - started,
+                           "generations_mean": float(found.generations.mean())}
+        print(f"population {size}:", rows[str(size)], flush=True)
     return rows
 
 
@@ -238,7 +259,9 @@ def main(argv=None):
     parser.add_argument("--inputs", type=int, default=30, help="triggered and clean inputs each (detection)")
     parser.add_argument("--suspects", type=int, default=4, help="triggered and clean inputs each (repairs)")
     parser.add_argument("--timing-generations", type=int, default=10)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["detection", "repairs", "per-class", "timing"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["detection", "repairs", "per-class", "populations", "timing"])
+    parser.add_argument("--populations", type=int, nargs="+", default=[10, 20, 30, 40])
+    parser.add_argument("--population-inputs", type=int, default=10, help="triggered and clean inputs each")
     parser.add_argument("--trigger-sources", nargs="+", default=["cetf", "attack"], choices=["cetf", "attack"],
                         help="per-class repairs: CETF's extracted triggers and / or the attack's own")
     parser.add_argument("--seed", type=int, default=0)
@@ -267,6 +290,10 @@ def main(argv=None):
         if "per-class" not in args.skip:
             suspects = np.concatenate([triggered[:args.suspects], clean_inputs[:args.suspects]])
             entry["per_class"] = per_class_repairs(run, suspects, args.data_dir, args.seed, args.trigger_sources)
+            Path(args.out).write_text(json.dumps(results, indent=1))
+        if "populations" not in args.skip:
+            pick = spread(np.arange(len(triggered)), args.population_inputs)  # still spread over the classes
+            entry["populations"] = populations(run, clean, triggered[pick], clean_inputs[pick], key, args.populations)
             Path(args.out).write_text(json.dumps(results, indent=1))
         if "timing" not in args.skip:
             entry["de_timing"] = de_timing(run, clean, triggered[0], key, args.timing_generations)
