@@ -21,7 +21,7 @@ from bdjax.attacks.base import TargetMap, poison_training_set
 from bdjax.data import clean_defense_split, load, stratified_subset
 from bdjax.data.dataset import Dataset
 from bdjax.evaluation import Report, TestSets, evaluate, evaluate_model, model_classifier
-from bdjax.training import TrainConfig, train_many, unstack_models
+from bdjax.training import TrainConfig, train, train_many, unstack_models
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,12 +72,16 @@ def train_run(spec: RunSpec, out, data_dir=None, progress: bool = True) -> check
     return train_runs([spec], [out], data_dir, progress)[0]
 
 
-def train_runs(specs: list[RunSpec], outs: list, data_dir=None, progress: bool = True) -> list[checkpoint.Run]:
+def train_runs(specs: list[RunSpec], outs: list, data_dir=None, progress: bool = True,
+               vectorise: bool | None = None) -> list[checkpoint.Run]:
     """Train several models of one recipe at once (vmapped, ``train_many``) and save each.
 
     The specs may differ only in ``model_seed``: they share the poisoned training set (drawn
     from ``seed``) and get their own init, data order and augmentation. This is how a
     table over "several models per architecture" is trained in one program.
+    ``vectorise``: one vmapped program (default on accelerators) or one ``train`` per model
+    on the same data (default on CPU, where vmapping convolutions over parameter sets makes
+    grouped convolutions that run slower than a loop; see experiments/results/sweep_benchmark.md).
     """
     if not specs or len(specs) != len(outs):
         raise ValueError(f"need one output directory per spec, got {len(specs)} specs and {len(outs)} outputs")
@@ -101,22 +105,33 @@ def train_runs(specs: list[RunSpec], outs: list, data_dir=None, progress: bool =
     module = models.create(spec.model, train_set.info)
     model_seeds = [spec.seed if s.model_seed is None else s.model_seed for s in specs]
     keys = jnp.stack([jax.random.fold_in(jax.random.key(s), 3) for s in model_seeds])
-    result = train_many(module, train_set, spec.train_config(), keys, progress=progress)
+    if vectorise is None:
+        vectorise = jax.default_backend() != "cpu"
+    if vectorise:
+        result = train_many(module, train_set, spec.train_config(), keys, progress=progress)
+        trained = unstack_models(result.variables, len(specs))
+        histories = [[{k: float(v[i]) for k, v in h.items()} for h in result.history] for i in range(len(specs))]
+        seconds = [result.seconds] * len(specs)
+    else:
+        results = [train(module, train_set, spec.train_config(), key, progress=progress) for key in keys]
+        trained = [r.variables for r in results]
+        histories = [r.history for r in results]
+        seconds = [r.seconds for r in results]
     eval_set = test_set
     if spec.eval_limit:
         eval_set = stratified_subset(test_set, spec.eval_limit, jax.random.fold_in(seed_key, 4))
     sets = TestSets.build(eval_set, attack, target)
     runs = []
-    for i, (one_spec, out, variables) in enumerate(zip(specs, outs, unstack_models(result.variables, len(specs)))):
+    for i, (one_spec, out, variables) in enumerate(zip(specs, outs, trained)):
         report = evaluate_model(module, variables, sets)
         record = {
             "dataset": spec.dataset, "model": spec.model, "spec": dataclasses.asdict(one_spec),
             "train_config": dataclasses.asdict(spec.train_config()), "poison_count": poison_count,
             "train_size": len(train_set), "eval_size": len(eval_set), "metrics": report.to_dict(),
-            # Wall-clock of the shared program (every model of the batch reports the same time).
-            "train_seconds": result.seconds, "total_seconds": time.perf_counter() - started,
-            "trained_together": len(specs),
-            "history": [{k: float(v[i]) for k, v in h.items()} for h in result.history],
+            # Vectorised: wall-clock of the shared program (every model reports the same time).
+            "train_seconds": seconds[i], "total_seconds": time.perf_counter() - started,
+            "trained_together": len(specs), "vectorised": bool(vectorise),
+            "history": histories[i],
             "backend": jax.default_backend(),
         }
         checkpoint.save(out, variables, record, attack, target)

@@ -9,8 +9,8 @@ Defense set: 1 clean test image per class (43, as the thesis); ACC / ASR on ``--
 other test images. Without ``--seeds``: the zoo's one model per architecture and attack, so
 "successful" counts are 0/1 or 1/1. With ``--seeds N``: N models of the zoo's recipe that
 differ only in their init and data order (model seed 0 is the zoo model; seeds 1..N-1 are
-trained together in one vmapped program, ``runs.train_runs``, into ``experiments/zoo/seeds/``
-if missing); the table then gives mean drops and k/N successes, as the thesis's (which
+trained on one poisoned set by ``runs.train_runs`` into ``experiments/zoo/seeds/`` if missing:
+one vmapped program on an accelerator or with ``--vmap-seeds``, a loop on a CPU); the table then gives mean drops and k/N successes, as the thesis's (which
 averages 25 models, 5 for ResNet-18, each its own training run). Each finished model is
 appended to ``--json`` so an interrupted run keeps its rows; ``--table-only`` rebuilds the
 markdown table from that file.
@@ -61,7 +61,7 @@ THESIS = {
 }
 
 
-def seed_models(name: str, seeds: int, data_dir) -> list[tuple[str, Path]]:
+def seed_models(name: str, seeds: int, data_dir, vectorise: bool | None = None) -> list[tuple[str, Path]]:
     """(row name, run directory) of ``seeds`` models of zoo run ``name``'s recipe; model seed 0
     is the zoo model, the others are trained together (``train_runs``) where missing."""
     spec = zoo_specs()[name]
@@ -72,7 +72,7 @@ def seed_models(name: str, seeds: int, data_dir) -> list[tuple[str, Path]]:
             raise FileNotFoundError(f"{ZOO_DIR / name} is missing: train it with experiments/zoo.py --only {name}")
         print(f"training {len(missing)} models of {name} together (model seeds {[k for k, _ in missing]})", flush=True)
         runs = train_runs([dataclasses.replace(spec, model_seed=k) for k, _ in missing],
-                          [path for _, path in missing], data_dir, progress=False)
+                          [path for _, path in missing], data_dir, progress=False, vectorise=vectorise)
         for (k, _), run in zip(missing, runs):
             m = run.record["metrics"]
             print(f"  {name} model seed {k}: ACC {m['acc']:.3f} ASR {m['asr']:.3f} "
@@ -240,6 +240,8 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, default=None,
                         help="N models per recipe (model seeds 0..N-1, 0 = the zoo model); default json "
                              "results/tac_gtsrb_seeds.json and the mean / k-of-N table")
+    parser.add_argument("--vmap-seeds", action="store_true", default=None,
+                        help="train the seed models in one vmapped program even on a CPU")
     parser.add_argument("--json", default=None, help="default results/tac_gtsrb.json (tac_gtsrb_seeds.json with --seeds)")
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args(argv)
@@ -254,7 +256,7 @@ def main(argv=None):
             if not (ZOO_DIR / name / "record.json").exists():
                 print(f"skipping {name}: not in the zoo")
                 continue
-            for row_name, run_dir in seed_models(name, args.seeds, args.data_dir) if args.seeds else [(name, None)]:
+            for row_name, run_dir in seed_models(name, args.seeds, args.data_dir, args.vmap_seeds) if args.seeds else [(name, None)]:
                 old = next((r for r in rows if r["run"] == row_name), {})
                 rows = [r for r in rows if r["run"] != row_name] + [{**old, **measure(row_name, args, run_dir)}]
                 path.write_text(json.dumps(rows, indent=1, default=float))

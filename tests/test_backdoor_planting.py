@@ -56,9 +56,10 @@ def test_the_test_models_recipe_plants_the_backdoor_again(gtsrb_badnets_run, dat
     assert abs(metrics["acc"] - gtsrb_badnets_run.record["metrics"]["acc"]) < 0.1, metrics
 
 
-def test_train_runs_trains_models_of_one_recipe_together_on_one_poisoned_set(data_dir, tmp_path):
-    """Several model seeds of one recipe in one vmapped program: same trigger and poisoned
-    images, different models, each saved with the spec that names its model seed."""
+@pytest.mark.parametrize("vectorise", [True, False])
+def test_train_runs_trains_models_of_one_recipe_together_on_one_poisoned_set(data_dir, tmp_path, vectorise):
+    """Several model seeds of one recipe (one vmapped program, or a loop on the same data):
+    same trigger and poisoned images, different models, each saved with its model seed."""
     import dataclasses
 
     import jax
@@ -68,11 +69,11 @@ def test_train_runs_trains_models_of_one_recipe_together_on_one_poisoned_set(dat
     spec = RunSpec(dataset="gtsrb", model="small", attack="badnets", target=14, epochs=1,
                    batch_size=64, train_subset=640, eval_limit=200)
     specs = [dataclasses.replace(spec, model_seed=k) for k in (0, 1)]
-    runs = train_runs(specs, [tmp_path / "m0", tmp_path / "m1"], data_dir, progress=False)
+    runs = train_runs(specs, [tmp_path / "m0", tmp_path / "m1"], data_dir, progress=False, vectorise=vectorise)
     first, second = runs
     assert [RunSpec.from_record(r.record["spec"]) for r in runs] == specs
     assert first.record["poison_count"] == second.record["poison_count"] == 64
-    assert first.record["trained_together"] == 2
+    assert first.record["trained_together"] == 2 and first.record["vectorised"] is vectorise
     np.testing.assert_array_equal(np.asarray(first.attack.mask), np.asarray(second.attack.mask))
     kernels = [jax.tree_util.tree_leaves(r.variables["params"])[0] for r in runs]
     assert not np.allclose(kernels[0], kernels[1]), "model seeds 0 and 1 gave the same model"
