@@ -129,7 +129,7 @@ def measure(name: str, args, run_dir: Path | None = None) -> dict:
         if "t_plus" in t:
             entry["reconstruction_mse"] = tac.reconstruction_mse(
                 images, lambda x, t=t: apply_tanh_trigger(x, t["t_plus"], t["t_minus"]), run.attack.apply)
-            if name in RUNS:  # the zoo model's triggers are plotted (seed models' are not saved)
+            if run_dir is None:  # the main table's triggers are plotted (--seeds runs do not save theirs)
                 np.save(RESULTS / "tac_triggers" / f"{name}-{t['unit'].replace('/', '_')}-{t['channel']}.npy",
                         t["perturbation"])
         triggers.append(entry)
@@ -176,9 +176,9 @@ def table(rows: list[dict]) -> str:
 def seeds_table(rows: list[dict]) -> str:
     """Table 5.4 proper: per zoo recipe and method, mean ACC / ASR before, mean drops and k/N
     successes over the model seeds measured (rows named ``<run>`` and ``<run>-m<k>``)."""
-    lines = ["| recipe | models | ACC / ASR before (mean) | method | ACC ↓ (mean) | ASR ↓ (mean) | success | "
-             "thesis: arch, ACC/ASR before, ACC ↓, ASR ↓, success |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| recipe | models | backdoor planted (ASR ≥ 0.5) | ACC / ASR before (mean) | method | ACC ↓ (mean) | "
+             "ASR ↓ (mean) | success | thesis: arch, ACC/ASR before, ACC ↓, ASR ↓, success |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for recipe in [r for r in RUNS if any(row["run"] == r for row in rows)]:
         group = [row for row in rows if row["run"] == recipe or row["run"].startswith(recipe + "-m")]
         thesis = THESIS[(group[0]["model"], group[0]["attack"])]
@@ -194,7 +194,8 @@ def seeds_table(rows: list[dict]) -> str:
             ref = {"clp": f"{thesis[0]}, {thesis[1]:.2f}/{thesis[2]:.2f}, {thesis[3]:.2f}, {thesis[4]:.2f}, {thesis[5]}",
                    "tac": f"{thesis[0]}, {thesis[1]:.2f}/{thesis[2]:.2f}, {thesis[6]:.2f}, {thesis[7]:.2f}, {thesis[8]}",
                    "tac_oracle": "-"}[method]
-            lines.append(f"| {recipe} | {len(done)} | {acc0:.3f} / {asr0:.3f} | {method} | {acc_drop:.3f} | "
+            planted = sum(row["before"]["asr"] >= 0.5 for row in done)
+            lines.append(f"| {recipe} | {len(done)} | {planted} | {acc0:.3f} / {asr0:.3f} | {method} | {acc_drop:.3f} | "
                          f"{asr_drop:.3f} | {wins}/{len(done)} | {ref} |")
     return "\n".join(lines)
 
