@@ -177,8 +177,8 @@ def per_class_repairs(run, suspects, data_dir, seed, sources=("cetf", "attack"),
         for k in ks:
             for kind in bn_repair.REPAIRS:
                 started = time.perf_counter()
-                new, _ = bn_repair.repair_with_triggers(kind, run.module, run.variables, clean, triggers[source], data_key,
-                                                        train_key, bn_repair.RepairConfig(per_class=k))
+                new, _ = bn_repair.repair_with_triggers(kind, run.module, run.variables, clean, triggers[source],
+                                                        data_key, train_key, bn_repair.RepairConfig(per_class=k))
                 seconds = time.perf_counter() - started
                 after = evaluate_model(run.module, new, sets)
                 out["rows"].append({"triggers": source, "k": k, "repair": kind, "seconds": seconds,
@@ -259,7 +259,8 @@ def main(argv=None):
     parser.add_argument("--inputs", type=int, default=30, help="triggered and clean inputs each (detection)")
     parser.add_argument("--suspects", type=int, default=4, help="triggered and clean inputs each (repairs)")
     parser.add_argument("--timing-generations", type=int, default=10)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["detection", "repairs", "per-class", "populations", "timing"])
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["detection", "repairs", "per-class", "populations", "timing"])
     parser.add_argument("--populations", type=int, nargs="+", default=[10, 20, 30, 40])
     parser.add_argument("--population-inputs", type=int, default=10, help="triggered and clean inputs each")
     parser.add_argument("--trigger-sources", nargs="+", default=["cetf", "attack"], choices=["cetf", "attack"],

@@ -10,8 +10,9 @@ other test images. Without ``--seeds``: the zoo's one model per architecture and
 "successful" counts are 0/1 or 1/1. With ``--seeds N``: N models of the zoo's recipe that
 differ only in their init and data order (model seed 0 is the zoo model; seeds 1..N-1 are
 trained on one poisoned set by ``runs.train_runs`` into ``experiments/zoo/seeds/`` if missing:
-one vmapped program on an accelerator or with ``--vmap-seeds``, a loop on a CPU); the table then gives mean drops and k/N successes, as the thesis's (which
-averages 25 models, 5 for ResNet-18, each its own training run). Each finished model is
+one vmapped program on an accelerator or with ``--vmap-seeds``, a loop on a CPU); the table
+then gives mean drops and k/N successes, as the thesis's (which averages 25 models, 5 for
+ResNet-18, each its own training run). Each finished model is
 appended to ``--json`` so an interrupted run keeps its rows; ``--table-only`` rebuilds the
 markdown table from that file.
 """
@@ -70,13 +71,13 @@ def seed_models(name: str, seeds: int, data_dir, vectorise: bool | None = None) 
     if missing:
         if missing[0][0] == 0:
             raise FileNotFoundError(f"{ZOO_DIR / name} is missing: train it with experiments/zoo.py --only {name}")
-        print(f"training {len(missing)} models of {name} together (model seeds {[k for k, _ in missing]})", flush=True)
+        print(f"training {len(missing)} models of {name} (model seeds {[k for k, _ in missing]})", flush=True)
         runs = train_runs([dataclasses.replace(spec, model_seed=k) for k, _ in missing],
                           [path for _, path in missing], data_dir, progress=False, vectorise=vectorise)
         for (k, _), run in zip(missing, runs):
             m = run.record["metrics"]
             print(f"  {name} model seed {k}: ACC {m['acc']:.3f} ASR {m['asr']:.3f} "
-                  f"({run.record['train_seconds']:.0f} s for all {len(runs)})", flush=True)
+                  f"({run.record['train_seconds']:.0f} s{' for all' if run.record['vectorised'] else ''})", flush=True)
     return models
 
 
@@ -86,7 +87,7 @@ def measure(name: str, args, run_dir: Path | None = None) -> dict:
     before = evaluate_model(run.module, run.variables, sets)
     spec = run.record["spec"]
     row = {"run": name, "model": run.record["model"], "attack": run.attack.name,
-           "model_seed": spec.get("model_seed") or spec["seed"],
+           "model_seed": spec["seed"] if spec.get("model_seed") is None else spec["model_seed"],
            "defense_size": len(clean), "eval_size": len(sets.clean), "before": before.to_dict()}
 
     def record(method, variables, seconds, **extra):
