@@ -140,6 +140,12 @@ def measure(name: str, args, run_dir: Path | None = None) -> dict:
     return row
 
 
+def thesis_ref(thesis: tuple, method: str) -> str:
+    """The thesis's row for ``method`` ("clp" or "tac"): arch, ACC/ASR before, ACC ↓, ASR ↓, successes."""
+    drops = thesis[3:6] if method == "clp" else thesis[6:9]
+    return f"{thesis[0]}, {thesis[1]:.2f}/{thesis[2]:.2f}, {drops[0]:.2f}, {drops[1]:.2f}, {drops[2]}"
+
+
 def table(rows: list[dict]) -> str:
     lines = [("| run | ACC / ASR before | method | ACC ↓ | ASR ↓ | success | pruned | seconds | "
               "valid triggers (target, ASR, size, MSE) | thesis: arch, ACC/ASR before, ACC ↓, ASR ↓, success, MSE |"),
@@ -160,11 +166,11 @@ def table(rows: list[dict]) -> str:
                                   f"{t['reconstruction_mse']:.3f}" for t in m["triggers"] if t["valid"]) or \
                     f"none ({m['candidates']} candidates)"
             if method == "clp":
-                ref = f"{thesis[0]}, {thesis[1]:.2f}/{thesis[2]:.2f}, {thesis[3]:.2f}, {thesis[4]:.2f}, {thesis[5]}, -"
+                ref = f"{thesis_ref(thesis, 'clp')}, -"
             elif method == "abs":
                 ref = "(thesis's ABS + Dhonthi retraining, not comparable: different mitigation)"
             elif method == "tac":
-                ref = f"{thesis[0]}, {thesis[1]:.2f}/{thesis[2]:.2f}, {thesis[6]:.2f}, {thesis[7]:.2f}, {thesis[8]}, {thesis[9]:.2f}"
+                ref = f"{thesis_ref(thesis, 'tac')}, {thesis[9]:.2f}"
             else:
                 ref = "MediumBN 4×4 patch (app. A.2): 8/10 ASR ↓ > 0.9" if row["model"] == "medium-bn" and \
                     row["attack"] == "badnets" else "-"
@@ -192,9 +198,7 @@ def seeds_table(rows: list[dict]) -> str:
             acc_drop = np.mean([row["before"]["acc"] - row[method]["after"]["acc"] for row in done])
             asr_drop = np.mean([row["before"]["asr"] - row[method]["after"]["asr"] for row in done])
             wins = sum(row[method]["success"] for row in done)
-            ref = {"clp": f"{thesis[0]}, {thesis[1]:.2f}/{thesis[2]:.2f}, {thesis[3]:.2f}, {thesis[4]:.2f}, {thesis[5]}",
-                   "tac": f"{thesis[0]}, {thesis[1]:.2f}/{thesis[2]:.2f}, {thesis[6]:.2f}, {thesis[7]:.2f}, {thesis[8]}",
-                   "tac_oracle": "-"}[method]
+            ref = "-" if method == "tac_oracle" else thesis_ref(thesis, method)
             planted = sum(row["before"]["asr"] >= 0.5 for row in done)
             lines.append(f"| {recipe} | {len(done)} | {planted} | {acc0:.3f} / {asr0:.3f} | {method} | {acc_drop:.3f} | "
                          f"{asr_drop:.3f} | {wins}/{len(done)} | {ref} |")
