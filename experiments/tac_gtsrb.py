@@ -98,7 +98,11 @@ def measure(name: str, args, run_dir: Path | None = None) -> dict:
         print(f"{name} {method}: ACC {before.acc:.3f} -> {after.acc:.3f}, ASR {before.asr:.3f} -> "
               f"{after.asr:.3f} ({seconds:.0f} s) {extra}", flush=True)
 
-    if "clp" in args.methods:
+    if "clp" in args.methods and "batch_stats" not in run.variables:
+        # CLP's UCLC merges each kernel with its BatchNorm (bdjax's clp raises without one);
+        # the thesis reports CLP on its no-BN models without saying how it scored them.
+        print(f"{name} clp: skipped, the model has no BatchNorm", flush=True)
+    elif "clp" in args.methods:
         started = time.perf_counter()
         result = clp.clp(run.module, run.variables, None, None)
         record("clp", result.variables, time.perf_counter() - started, pruned=result.info["pruned_count"])
