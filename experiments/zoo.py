@@ -54,6 +54,11 @@ CIFAR_ATTACKS = {
     # images carry the trigger; at 10% of the training set that is every target-class image).
     "trojan": dict(attack="trojan", attack_args={"size": 3, "location": "bottom-right"}),
     "sig": dict(attack="sig"),
+    # BNA's all-to-all setting (table 1): the same BadNets trigger, class c relabelled c + 1 mod 10.
+    "badnets-a2a": dict(attack="badnets", attack_args={"size": 3, "pattern": "random", "location": "random"},
+                        target_mode="all_to_all"),
+    # No backdoor (BNA table 9 on CIFAR-10).
+    "clean": dict(attack="none"),
 }
 
 # (model, dataset, cpu-variant train subset, cpu-variant epochs); order = priority.
