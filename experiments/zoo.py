@@ -105,7 +105,8 @@ def write_table(zoo_dir: Path = ZOO_DIR) -> Path:
     for run_dir in sorted(p for p in zoo_dir.iterdir() if (p / checkpoint.RECORD_FILE).is_file()):
         record = checkpoint.read_record(run_dir)
         spec, m = record["spec"], record["metrics"]
-        rows.append(f"| {run_dir.name} | {record['model']} | {record['dataset']} | {spec['attack']} | "
+        attack = spec["attack"] + (" (all-to-all)" if spec.get("target_mode") == "all_to_all" else "")
+        rows.append(f"| {run_dir.name} | {record['model']} | {record['dataset']} | {attack} | "
                     f"{record['train_size']} | {spec['epochs']} | {m['acc']:.4f} | {_rate(m['asr'])} | "
                     f"{record['train_seconds'] / 60:.1f} | {record.get('backend', '?')} |")
     text = "\n".join([
