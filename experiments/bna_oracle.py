@@ -6,7 +6,8 @@
 
 Defense set: 10 clean test images per class; alignment on those not of the target class
 (all-to-all attacks: one g_t per class t, each aligned on the images not of class t, as if
-every pair (t - 1, t) had been detected); ACC / ASR / SIA of the paper's rule (flagged inputs keep g_t(x)) on 1,000 other test images.
+every pair (t - 1, t) had been detected); ACC / ASR / SIA of the paper's rule (flagged inputs
+keep g_t(x)) on 1,000 other test images.
 ``--divergence``: the paper's table 13 per BN layer (TV / JS / KL summed over neurons) between
 200 clean evaluation images and 200 triggered ones (not the same images), in the poisoned model
 and in g_t after each alignment, and with ``--clean-run`` in a clean model of the same
