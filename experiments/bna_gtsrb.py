@@ -138,11 +138,10 @@ def main(argv=None):
                       flush=True)
             print(f"\ndetection: {result.info['detection']['top_pairs']}\n")
             if aligned and len(sets.triggered):
-                # The true target when it was detected (all-to-all: the first detected target
-                # the attack maps some class to); triggered images are those sent to it.
+                # A true target when one was detected (else the first detected target); the
+                # triggered images are those the attack sends to it.
                 hit = [t for t in detected if t in set(sets.targets.tolist())]
-                target = run.target.target if mode == "all_to_one" and run.target.target in aligned else \
-                    (hit or detected)[0]
+                target = (hit or detected)[0]
                 to_target = sets.targets == target if hit else np.ones(len(sets.targets), bool)
                 images = to_float(sets.triggered.images[to_target][:200])
                 clean_images = to_float(sets.clean.images[np.isin(sets.clean.labels,
