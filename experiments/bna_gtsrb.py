@@ -35,9 +35,10 @@ from bdjax.evaluation import TestSets, evaluate_model
 from bdjax.runs import split_for_defense
 
 ZOO_DIR = Path(__file__).resolve().parent / "zoo"
-# The paper's numbers (Li et al.), ACC / ASR / SIA, keyed by (dataset, attack). GTSRB exists
-# only for BadNet / WaNet and BNA (table 5, MobileNet); CIFAR-10 BadNet is table 3 (ResNet-18,
-# 10 images per class), Blend / SIG table 6. A GTSRB model without its own GTSRB row is shown
+# The paper's numbers (Li et al.), ACC / ASR / SIA, keyed by (dataset, attack; "-a2a" appended
+# for all-to-all runs). GTSRB exists only for BadNet / WaNet and BNA (table 5, MobileNet);
+# CIFAR-10 BadNet is table 3 (ResNet-18, 10 images per class; all-to-all: table 1), Blend / SIG
+# table 6. A GTSRB model without its own GTSRB row is shown
 # beside the CIFAR-10 numbers, labelled so.
 CIFAR_BADNETS = {"none": "0.9122 / 0.9573 / 0.0397 (CIFAR-10, 10/class, t.3)",
                  "bna": "0.9026 / 0.0185 / 0.8807 (CIFAR-10, 10/class, t.3)",
