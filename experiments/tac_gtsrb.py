@@ -62,14 +62,19 @@ THESIS = {
 }
 
 
-def seed_models(name: str, seeds: int, data_dir, vectorise: bool | None = None) -> list[tuple[str, Path]]:
+def seed_models(name: str, seeds: int, data_dir, vectorise: bool | None = None,
+                full: bool = False) -> list[tuple[str, Path]]:
     """(row name, run directory) of ``seeds`` models of zoo run ``name``'s recipe; model seed 0
-    is the zoo model, the others are trained together (``train_runs``) where missing."""
-    spec = zoo_specs()[name]
-    models = [(name, ZOO_DIR / name)] + [(f"{name}-m{k}", SEEDS_DIR / f"{name}-m{k}") for k in range(1, seeds)]
+    is the zoo model, the others are trained together (``train_runs``) where missing. ``full``:
+    the thesis's recipe (``zoo_specs(full=True)``), every model seed trained here."""
+    spec = zoo_specs(full)[name]
+    if full:
+        models = [(f"{name}-full-m{k}", SEEDS_DIR / f"{name}-full-m{k}") for k in range(seeds)]
+    else:
+        models = [(name, ZOO_DIR / name)] + [(f"{name}-m{k}", SEEDS_DIR / f"{name}-m{k}") for k in range(1, seeds)]
     missing = [(k, path) for k, (_, path) in enumerate(models) if not (path / "record.json").exists()]
     if missing:
-        if missing[0][0] == 0:
+        if missing[0][0] == 0 and not full:
             raise FileNotFoundError(f"{ZOO_DIR / name} is missing: train it with experiments/zoo.py --only {name}")
         print(f"training {len(missing)} models of {name} (model seeds {[k for k, _ in missing]})", flush=True)
         runs = train_runs([dataclasses.replace(spec, model_seed=k) for k, _ in missing],
@@ -186,12 +191,16 @@ def table(rows: list[dict]) -> str:
 
 def seeds_table(rows: list[dict]) -> str:
     """Table 5.4 proper: per zoo recipe and method, mean ACC / ASR before, mean drops and k/N
-    successes over the model seeds measured (rows named ``<run>`` and ``<run>-m<k>``)."""
+    successes over the model seeds measured (rows named ``<run>`` and ``<run>-m<k>``; the thesis
+    recipe's ``<run>-full-m<k>`` make a recipe ``<run>-full`` of their own)."""
     lines = ["| recipe | models | backdoor planted (ASR ≥ 0.5) | ACC / ASR before (mean) | method | ACC ↓ (mean) | "
              "ASR ↓ (mean) | success | thesis: arch, ACC/ASR before, ACC ↓, ASR ↓, success |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for recipe in [r for r in RUNS if any(row["run"] == r for row in rows)]:
-        group = [row for row in rows if row["run"] == recipe or row["run"].startswith(recipe + "-m")]
+    groups = {}
+    for run in RUNS:
+        groups[run] = [row for row in rows if row["run"] == run or row["run"].startswith(run + "-m")]
+        groups[run + "-full"] = [row for row in rows if row["run"].startswith(run + "-full-m")]
+    for recipe, group in [(recipe, group) for recipe, group in groups.items() if group]:
         thesis = THESIS[(group[0]["model"], group[0]["attack"])]
         acc0 = np.mean([row["before"]["acc"] for row in group])
         asr0 = np.mean([row["before"]["asr"] for row in group])
@@ -252,9 +261,13 @@ def main(argv=None):
                              "results/tac_gtsrb_seeds.json and the mean / k-of-N table")
     parser.add_argument("--vmap-seeds", action="store_true", default=None,
                         help="train the seed models in one vmapped program even on a CPU")
+    parser.add_argument("--full", action="store_true",
+                        help="with --seeds: the thesis's training recipe (all data, 15 epochs) for every seed")
     parser.add_argument("--json", default=None, help="default results/tac_gtsrb.json (tac_gtsrb_seeds.json with --seeds)")
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args(argv)
+    if args.full and not args.seeds:
+        raise SystemExit("--full needs --seeds N (the zoo holds only the CPU recipe's models)")
 
     (RESULTS / "tac_triggers").mkdir(parents=True, exist_ok=True)
     path = Path(args.json or RESULTS / ("tac_gtsrb_seeds.json" if args.seeds else "tac_gtsrb.json"))
@@ -266,7 +279,9 @@ def main(argv=None):
             if not (ZOO_DIR / name / "record.json").exists():
                 print(f"skipping {name}: not in the zoo")
                 continue
-            for row_name, run_dir in seed_models(name, args.seeds, args.data_dir, args.vmap_seeds) if args.seeds else [(name, None)]:
+            models = (seed_models(name, args.seeds, args.data_dir, args.vmap_seeds, args.full) if args.seeds
+                      else [(name, None)])
+            for row_name, run_dir in models:
                 old = next((r for r in rows if r["run"] == row_name), {})
                 rows = [r for r in rows if r["run"] != row_name] + [{**old, **measure(row_name, args, run_dir)}]
                 path.write_text(json.dumps(rows, indent=1, default=float))
