@@ -1,6 +1,9 @@
-"""BNA's alignment step alone, with the TRUE trigger of a zoo patch-attack model (an oracle).
+"""BNA's alignment step alone, with the TRUE trigger of a zoo patch-attack model (an oracle),
+or with a trigger re-estimated from chosen source classes (the full defense's last step alone).
 
     python experiments/bna_oracle.py --run resnet20-gtsrb-badnets --epochs 1 3 5 10
+    python experiments/bna_oracle.py --run resnet20-cifar10-badnets --reestimate-from 4 5 6 7 8 \
+        --reestimate-steps 300 1000 3000
     python experiments/bna_oracle.py --run medium-bn-gtsrb-badnets --epochs 10 --lr 0.03 --neurons position
     python experiments/bna_oracle.py --run resnet20-gtsrb-badnets --divergence --clean-run resnet20-gtsrb-clean
 
@@ -13,6 +16,11 @@ keep g_t(x)) on 1,000 other test images.
 and in g_t after each alignment, and with ``--clean-run`` in a clean model of the same
 architecture and dataset given the same trigger (the table's "clean DNN" row; its histogram
 edges come from its own clean activations).
+``--reestimate-from``: instead of the true trigger, ``bna.reestimate`` reverse-engineers one
+trigger for the (all-to-one) target from the defense images of these source classes ("all": every
+class but the target), once per ``--reestimate-steps``; this separates the re-estimate from the
+pair search (pass the sources the full defense detected). Printed per trigger: its mask L1 and
+the share of the mask's mass on the true patch's pixels (patch attacks).
 """
 
 from __future__ import annotations
@@ -23,11 +31,12 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from bdjax import checkpoint
 from bdjax.data.dataset import to_float
 from bdjax.defenses import bna
-from bdjax.defenses.reverse_engineer import Trigger
+from bdjax.defenses.reverse_engineer import ReverseConfig, Trigger
 from bdjax.runs import split_for_defense
 from bdjax.surgery import bn_units
 from bna_gtsrb import divergence_markdown
@@ -45,16 +54,46 @@ def main(argv=None):
     parser.add_argument("--eval-limit", type=int, default=1000)
     parser.add_argument("--divergence", action="store_true", help="print the table-13 divergences per BN layer")
     parser.add_argument("--clean-run", help="zoo run of a clean model for the table's clean-DNN row")
+    parser.add_argument("--reestimate-from", nargs="+", default=None,
+                        help="source classes (or 'all') to re-estimate the trigger from instead of the true one")
+    parser.add_argument("--reestimate-steps", type=int, nargs="+", default=[ReverseConfig.steps])
     args = parser.parse_args(argv)
     run = checkpoint.load(ZOO_DIR / args.run)
-    if not hasattr(run.attack, "mask"):
+    patch_attack = hasattr(run.attack, "mask")
+    if not patch_attack and not args.reestimate_from:
         raise SystemExit(f"{args.run}: the oracle needs a patch attack (mask + pattern), got {type(run.attack).__name__}")
     clean, sets = split_for_defense(run, 10, 0, args.data_dir, eval_limit=args.eval_limit)
-    trigger = Trigger.patch(run.attack.mask, run.attack.pattern)
     units = bn_units(run.module)
     edges = bna.clean_edges(run.module, run.variables, to_float(clean.images), units, neurons=args.neurons)
     target = run.target.target
     targets = range(run.target.num_classes) if run.target.mode == "all_to_all" else [target]
+    true_trigger = Trigger.patch(run.attack.mask, run.attack.pattern) if patch_attack else None
+    if args.reestimate_from:
+        if run.target.mode == "all_to_all":
+            raise SystemExit("--reestimate-from: only for all-to-one models (one target)")
+        sources = ([c for c in range(run.target.num_classes) if c != target] if args.reestimate_from == ["all"]
+                   else [int(c) for c in args.reestimate_from])
+        if target in sources:
+            raise SystemExit(f"--reestimate-from: the target {target} cannot be a source")
+
+    def triggers():
+        """(name, trigger): the true one, or one re-estimate per step count, made when needed so
+        each is aligned and printed before the next (longer) search starts."""
+        if not args.reestimate_from:
+            yield "true trigger", true_trigger
+            return
+        for steps in args.reestimate_steps:
+            started = time.perf_counter()
+            found = bna.reestimate(run.module, run.variables, clean, sources, target, jax.random.key(2),
+                                   ReverseConfig(steps=steps))
+            mask = np.asarray(found.mask[..., 0])
+            top = np.argsort(-mask, axis=None)[:5]
+            where = ", ".join(f"({r}, {c}) {mask[r, c]:.2f}" for r, c in zip(*np.unravel_index(top, mask.shape)))
+            on_patch = (f", {float((found.mask * true_trigger.mask).sum() / found.mask.sum()):.2f} of it on the "
+                        f"true patch" if patch_attack else "")
+            print(f"re-estimated from {len(sources)} sources, {steps} steps: mask L1 {mask.sum():.2f}{on_patch}; "
+                  f"largest mask pixels (row, col) {where} ({time.perf_counter() - started:.0f} s)", flush=True)
+            yield f"re-estimated, {steps} steps", found
 
     def rates(aligned):
         r = bna.rule_rates(run.module, run.variables, aligned, sets)
@@ -76,23 +115,25 @@ def main(argv=None):
                                                          triggered_eval, other_edges, neurons=args.neurons)
         tables["poisoned"] = bna.divergence_table(run.module, run.variables, clean_eval, triggered_eval, edges,
                                                   neurons=args.neurons)
-    for epochs in args.epochs:
-        config = bna.BNAConfig(epochs=epochs, learning_rate=args.lr, neurons=args.neurons)
-        started = time.perf_counter()
-        aligned = {}
-        for t in targets:
-            images = to_float(clean.images[clean.labels != t])
-            aligned[t], losses = bna.align_batch_stats(run.module, run.variables, images, trigger, edges,
-                                                       jax.random.key(1), config)
-        stats = aligned[target]
-        seconds = time.perf_counter() - started
-        print(f"epochs {epochs}, lr {args.lr:g}, {args.neurons}: {rates(aligned)}; "
-              f"batch loss {losses[0]:.2f} -> {losses[-1]:.2f}; align {seconds:.0f} s ({len(aligned)} targets)",
-              flush=True)
-        if args.divergence:
-            tables[f"BNA oracle, {epochs} epochs"] = bna.divergence_table(
-                run.module, run.variables, clean_eval, triggered_eval, edges, aligned_stats=stats,
-                neurons=args.neurons)
+    for name, trigger in triggers():
+        for epochs in args.epochs:
+            config = bna.BNAConfig(epochs=epochs, learning_rate=args.lr, neurons=args.neurons)
+            started = time.perf_counter()
+            aligned = {}
+            for t in targets:
+                images = to_float(clean.images[clean.labels != t])
+                aligned[t], losses = bna.align_batch_stats(run.module, run.variables, images, trigger, edges,
+                                                           jax.random.key(1), config)
+            stats = aligned[target]
+            seconds = time.perf_counter() - started
+            print(f"{name}, epochs {epochs}, lr {args.lr:g}, {args.neurons}: {rates(aligned)}; "
+                  f"batch loss {losses[0]:.2f} -> {losses[-1]:.2f}; align {seconds:.0f} s ({len(aligned)} targets)",
+                  flush=True)
+            if args.divergence:
+                label = "BNA oracle" if name == "true trigger" else f"BNA, {name}"
+                tables[f"{label}, {epochs} epochs"] = bna.divergence_table(
+                    run.module, run.variables, clean_eval, triggered_eval, edges, aligned_stats=stats,
+                    neurons=args.neurons)
     if tables:
         print(divergence_markdown(tables), flush=True)
 
