@@ -1,4 +1,5 @@
-"""BNA's alignment step alone, with the TRUE trigger of a zoo patch-attack model (an oracle),
+"""BNA's alignment step alone, with the TRUE trigger of a zoo model (an oracle; patch, Blended and
+additive attacks: ``Trigger.from_attack``),
 or with a trigger re-estimated from chosen source classes (the full defense's last step alone).
 
     python experiments/bna_oracle.py --run resnet20-gtsrb-badnets --epochs 1 3 5 10
@@ -60,14 +61,17 @@ def main(argv=None):
     args = parser.parse_args(argv)
     run = checkpoint.load(ZOO_DIR / args.run)
     patch_attack = hasattr(run.attack, "mask")
-    if not patch_attack and not args.reestimate_from:
-        raise SystemExit(f"{args.run}: the oracle needs a patch attack (mask + pattern), got {type(run.attack).__name__}")
     clean, sets = split_for_defense(run, 10, 0, args.data_dir, eval_limit=args.eval_limit)
+    try:
+        true_trigger = Trigger.from_attack(run.attack, clean.images.shape[1:])
+    except ValueError as error:
+        if not args.reestimate_from:
+            raise SystemExit(f"{args.run}: no oracle trigger: {error}") from None
+        true_trigger = None
     units = bn_units(run.module)
     edges = bna.clean_edges(run.module, run.variables, to_float(clean.images), units, neurons=args.neurons)
     target = run.target.target
     targets = range(run.target.num_classes) if run.target.mode == "all_to_all" else [target]
-    true_trigger = Trigger.patch(run.attack.mask, run.attack.pattern) if patch_attack else None
     if args.reestimate_from:
         if run.target.mode == "all_to_all":
             raise SystemExit("--reestimate-from: only for all-to-one models (one target)")

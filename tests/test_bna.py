@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bdjax import attacks
 from bdjax.data.dataset import Dataset, to_float
 from bdjax.defenses import bna, reverse_engineer
 from bdjax.defenses.reverse_engineer import ReverseConfig, Trigger
@@ -133,6 +134,18 @@ def test_trigger_stamp_is_mask_blend_plus_delta_clipped():
     delta = np.full((8, 8, 3), 0.2, np.float32)
     out = np.asarray(Trigger(jnp.asarray(mask), jnp.asarray(pattern), jnp.asarray(delta)).stamp(jnp.asarray(images)))
     np.testing.assert_allclose(out, np.clip((1 - mask[None]) * images + mask[None] * pattern + delta, 0, 1), atol=1e-6)
+
+
+def test_trigger_from_attack_stamps_as_the_attack_applies():
+    """The oracle trigger of every attack that is a mask/pattern or an additive trigger."""
+    images = jnp.asarray(np.random.default_rng(0).uniform(size=(3, 32, 32, 3)), jnp.float32)
+    for name in ("badnets", "multi-patch", "trojan", "blended", "sig", "cb", "sp"):
+        attack = attacks.make(name, jax.random.key(3))
+        trigger = Trigger.from_attack(attack, (32, 32, 3))
+        np.testing.assert_allclose(trigger.stamp(images), attack.apply(images), atol=1e-6, err_msg=name)
+    for name, match in (("wanet", "not a mask/pattern"), ("random-size-patch", "new trigger per input")):
+        with pytest.raises(ValueError, match=match):
+            Trigger.from_attack(attacks.make(name, jax.random.key(3)), (32, 32, 3))
 
 
 def test_reverse_engineering_shapes_and_statistic(tiny_model, random_dataset):

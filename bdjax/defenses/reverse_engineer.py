@@ -93,6 +93,31 @@ class Trigger(struct.PyTreeNode):
         pattern = jnp.asarray(pattern)
         return cls(jnp.asarray(mask), pattern, jnp.zeros_like(pattern))
 
+    @classmethod
+    def from_attack(cls, attack, image_shape) -> Trigger:
+        """The attack's own trigger as a Trigger (an oracle for analysing a defense's later
+        steps), for the attacks that are one: patch attacks (mask + pattern), Blended (mask α
+        on every pixel, its pattern) and the additive ones, SIG / CB / SP (delta). Raises for
+        attacks that are not (WaNet's warp, per-input random triggers)."""
+        from bdjax import attacks  # here: the defenses package must not need the attacks at import
+
+        height, width, channels = image_shape
+        if getattr(attack, "stochastic", False):
+            raise ValueError(f"{type(attack).__name__} draws a new trigger per input: no single Trigger is it")
+        if isinstance(attack, attacks.Blended):
+            mask = jnp.full((height, width, 1), attack.alpha, jnp.float32)
+            return cls.patch(mask, jnp.broadcast_to(attack.pattern, (height, width, channels)))
+        if isinstance(attack, attacks.SIG):
+            signal = attacks.sig.sinusoid(width, attack.delta, attack.frequency)
+            delta = jnp.broadcast_to(signal[None, :, None], (height, width, channels))
+            return cls(jnp.zeros((height, width, 1)), jnp.zeros((height, width, channels)), delta)
+        if isinstance(attack, (attacks.Chessboard, attacks.SinglePixel)):
+            delta = jnp.asarray(attack.perturbation, jnp.float32)
+            return cls(jnp.zeros((height, width, 1)), jnp.zeros_like(delta), delta)
+        if hasattr(attack, "mask") and hasattr(attack, "pattern"):
+            return cls.patch(attack.mask, attack.pattern)
+        raise ValueError(f"{type(attack).__name__} is not a mask/pattern or additive trigger")
+
     def stamp(self, images):
         """images: f32[N, H, W, C] -> f32[N, H, W, C] with the (single) trigger applied."""
         mask = jnp.broadcast_to(self.mask, images.shape)
