@@ -244,14 +244,15 @@ def test_full_pipeline_reconstructs_a_valid_trigger_and_pruning_lowers_asr_on_la
     table). Its deepest output-variance candidate, a conv2 channel, gives an intermediate
     trigger into the attack's target 14 that reconstructs to a valid input-space trigger
     (ASR > 0.85, size < 0.25), and pruning its TAC outliers lowers the ASR. One candidate and
-    150 input-space epochs (the thesis: all candidates, 1,000) keep the test short.
-    Measured (2-core CPU, 2026-12-01): conv2:77 -> 14, trigger ASR 0.857, size 0.031; 13
-    channels pruned; ACC 0.942 -> 0.711, ASR 0.999 -> 0.603: a partial repair, not the thesis's
-    "successful defense" (ASR drop > 0.75), at an ACC cost just inside its 0.25 bound."""
+    60 input-space epochs (the thesis: all candidates, 1,000) keep the test short.
+    Measured (2-core CPU, 2026-12-01): conv2:77 -> 14, trigger ASR 1.00, size 0.10; 12 channels
+    pruned; ACC 0.942 -> 0.854, ASR 0.999 -> 0.266 (100 epochs: the same trigger; 150 epochs: a
+    smaller valid one, ASR 0.86 / size 0.03, whose TAC outliers prune worse: ACC 0.711, ASR
+    0.603). Not the thesis's "successful defense" (ASR drop > 0.75), close to it."""
     run = checkpoint.load(ZOO_DIR / "large-bn-gtsrb-blended")
     clean, sets = split_for_defense(run, 1, 0, data_dir, eval_limit=1000)
     before = evaluate_model(run.module, run.variables, sets)
-    config = tac.TacConfig(max_candidates=1, original_epochs=150)
+    config = tac.TacConfig(max_candidates=1, original_epochs=60)
     result = tac.tac_defense(run.module, run.variables, clean, None, config)
     after = evaluate_model(run.module, result.variables, sets)
     valid = [t for t in result.info["triggers"] if t["valid"]]
@@ -262,8 +263,8 @@ def test_full_pipeline_reconstructs_a_valid_trigger_and_pruning_lowers_asr_on_la
     assert valid and all(t["target"] == run.target.target for t in valid)
     assert all(t["asr"] > 0.85 and t["size"] < 0.25 for t in valid)
     assert result.info["detected"] and result.info["pruned_count"] > 0
-    assert after.asr < before.asr - 0.2
-    assert before.acc - after.acc < 0.25
+    assert after.asr < before.asr - 0.5
+    assert before.acc - after.acc < 0.15
 
 
 # --------------------------------------------------------------------------- ABS-style comparator
