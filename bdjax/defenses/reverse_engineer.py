@@ -28,6 +28,7 @@ import numpy as np
 import optax
 from flax import struct
 
+from bdjax import attacks
 from bdjax.data.dataset import Dataset, to_float, to_uint8
 
 KINDS = ("patch", "perturbation")
@@ -99,8 +100,6 @@ class Trigger(struct.PyTreeNode):
         steps), for the attacks that are one: patch attacks (mask + pattern), Blended (mask α
         on every pixel, its pattern) and the additive ones, SIG / CB / SP (delta). Raises for
         attacks that are not (WaNet's warp, per-input random triggers)."""
-        from bdjax import attacks  # here: the defenses package must not need the attacks at import
-
         height, width, channels = image_shape
         if getattr(attack, "stochastic", False):
             raise ValueError(f"{type(attack).__name__} draws a new trigger per input: no single Trigger is it")
