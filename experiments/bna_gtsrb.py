@@ -19,6 +19,8 @@ perturbation objective, as the paper picks the objective per trigger type.
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -96,6 +98,9 @@ def main(argv=None):
     parser.add_argument("--strip-eval", type=int, default=200, help="clean test images STRIP screens (+ their triggered)")
     parser.add_argument("--clean-run", default=None, help="a clean run dir: BNA's ACC drop on it (table 9)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reestimate-reverse", default=None,
+                        help="BNA's re-estimate: ReverseConfig fields changed from the pair search's, "
+                             "e.g. \"{'cost_up': 1.0}\" (default: the same search)")
     args = parser.parse_args(argv)
     key = jax.random.key(args.seed)
 
@@ -120,8 +125,10 @@ def main(argv=None):
         print(f"| none | {before.acc:.4f} / {before.asr:.4f} / {before.sia:.4f} | | | {paper.get('none', '')} |",
               flush=True)
         if "bna" in args.methods:
+            reestimate = (None if args.reestimate_reverse is None
+                          else dataclasses.replace(reverse, **ast.literal_eval(args.reestimate_reverse)))
             config = bna.BNAConfig(reverse=reverse, source_classes=None if args.sources is None else tuple(args.sources),
-                                   align_all_sources=args.sources is not None)
+                                   align_all_sources=args.sources is not None, reestimate_reverse=reestimate)
             started = time.perf_counter()
             result = bna.bna(run.module, run.variables, clean, key, config)
             seconds = time.perf_counter() - started

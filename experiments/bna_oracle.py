@@ -21,12 +21,16 @@ edges come from its own clean activations).
 trigger for the (all-to-one) target from the defense images of these source classes ("all": every
 class but the target), once per ``--reestimate-steps``; this separates the re-estimate from the
 pair search (pass the sources the full defense detected). Printed per trigger: its mask L1 and
-the share of the mask's mass on the true patch's pixels (patch attacks).
+the share of the mask's mass on the true patch's pixels (patch attacks). ``--restarts K``: K
+re-estimates with different keys (``bna.reestimate(..., restarts=K)``), aligned on as a stack
+stamped in turn; ``--each`` also aligns on each alone. ``--reverse``: other fields of the
+re-estimate's ``ReverseConfig`` (``BNAConfig.reestimate_reverse`` in the full defense).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import time
 from pathlib import Path
@@ -58,7 +62,13 @@ def main(argv=None):
     parser.add_argument("--reestimate-from", nargs="+", default=None,
                         help="source classes (or 'all') to re-estimate the trigger from instead of the true one")
     parser.add_argument("--reestimate-steps", type=int, nargs="+", default=[ReverseConfig.steps])
+    parser.add_argument("--restarts", type=int, default=1,
+                        help="re-estimates with different keys, aligned on in turn")
+    parser.add_argument("--each", action="store_true", help="with --restarts: also align on each re-estimate alone")
+    parser.add_argument("--reverse", default="{}",
+                        help="other ReverseConfig fields of the re-estimate, e.g. \"{'cost_up': 1.0}\"")
     args = parser.parse_args(argv)
+    reverse = ast.literal_eval(args.reverse)
     run = checkpoint.load(ZOO_DIR / args.run)
     patch_attack = hasattr(run.attack, "mask")
     clean, sets = split_for_defense(run, 10, 0, args.data_dir, eval_limit=args.eval_limit)
@@ -89,15 +99,24 @@ def main(argv=None):
         for steps in args.reestimate_steps:
             started = time.perf_counter()
             found = bna.reestimate(run.module, run.variables, clean, sources, target, jax.random.key(2),
-                                   ReverseConfig(steps=steps))
-            mask = np.asarray(found.mask[..., 0])
-            top = np.argsort(-mask, axis=None)[:5]
-            where = ", ".join(f"({r}, {c}) {mask[r, c]:.2f}" for r, c in zip(*np.unravel_index(top, mask.shape)))
-            on_patch = (f", {float((found.mask * true_trigger.mask).sum() / found.mask.sum()):.2f} of it on the "
-                        f"true patch" if patch_attack else "")
-            print(f"re-estimated from {len(sources)} sources, {steps} steps: mask L1 {mask.sum():.2f}{on_patch}; "
-                  f"largest mask pixels (row, col) {where} ({time.perf_counter() - started:.0f} s)", flush=True)
-            yield f"re-estimated, {steps} steps", found
+                                   ReverseConfig(**{**reverse, "steps": steps}), restarts=args.restarts)
+            seconds = time.perf_counter() - started
+            stack = found if args.restarts > 1 else jax.tree_util.tree_map(lambda x: x[None], found)
+            for k in range(args.restarts):
+                one = stack.take(k)
+                mask = np.asarray(one.mask[..., 0])
+                top = np.argsort(-mask, axis=None)[:5]
+                where = ", ".join(f"({r}, {c}) {mask[r, c]:.2f}" for r, c in zip(*np.unravel_index(top, mask.shape)))
+                on_patch = (f", {float((one.mask * true_trigger.mask).sum() / one.mask.sum()):.2f} of it on the "
+                            f"true patch" if patch_attack else "")
+                print(f"re-estimated from {len(sources)} sources, {steps} steps, restart {k}: mask L1 "
+                      f"{mask.sum():.2f}{on_patch}; largest mask pixels (row, col) {where}", flush=True)
+            print(f"({args.restarts} restart(s) in {seconds:.0f} s)", flush=True)
+            if args.restarts > 1 and args.each:
+                for k in range(args.restarts):
+                    yield f"re-estimated, {steps} steps, restart {k} alone", stack.take(k)
+            label = f", {args.restarts} restarts stamped in turn" if args.restarts > 1 else ""
+            yield f"re-estimated, {steps} steps{label}", found
 
     def rates(aligned):
         r = bna.rule_rates(run.module, run.variables, aligned, sets)

@@ -136,6 +136,31 @@ def test_trigger_stamp_is_mask_blend_plus_delta_clipped():
     np.testing.assert_allclose(out, np.clip((1 - mask[None]) * images + mask[None] * pattern + delta, 0, 1), atol=1e-6)
 
 
+def test_a_stack_of_triggers_is_stamped_in_turn():
+    images = jnp.asarray(np.random.default_rng(2).uniform(size=(5, 8, 8, 3)), jnp.float32)
+    masks = jnp.zeros((2, 8, 8, 1)).at[0, :2, :2].set(1.0).at[1, 6:, 6:].set(1.0)
+    stack = Trigger.patch(masks, jnp.ones((2, 8, 8, 3)))
+    out = np.asarray(stack.stamp(images))
+    for i in range(5):
+        np.testing.assert_allclose(out[i], stack.take(i % 2).stamp(images[i:i + 1])[0], atol=1e-6)
+
+
+def test_reestimate_with_restarts_returns_a_stack(tiny_model, random_dataset):
+    module, variables = tiny_model("small-bn")
+    one = bna.reestimate(module, variables, random_dataset, [0, 1], 2, jax.random.key(0), FAST_SEARCH)
+    three = bna.reestimate(module, variables, random_dataset, [0, 1], 2, jax.random.key(0), FAST_SEARCH, restarts=3)
+    assert one.mask.shape == (32, 32, 1) and three.mask.shape == (3, 32, 32, 1)
+    assert not np.allclose(three.mask[0], three.mask[1])  # different keys
+    images = to_float(random_dataset.images)
+    edges = bna.clean_edges(module, variables, images, bn_units(module))
+    stats, losses = bna.align_batch_stats(module, variables, images, three, edges, jax.random.key(1),
+                                          bna.BNAConfig(epochs=1, batch_size=8))
+    assert np.all(np.isfinite(losses)) and jax.tree_util.tree_structure(stats) == \
+        jax.tree_util.tree_structure(variables["batch_stats"])
+    with pytest.raises(ValueError, match="no image of the sources"):
+        bna.reestimate(module, variables, random_dataset, [99], 2, jax.random.key(0), FAST_SEARCH)
+
+
 def test_trigger_from_attack_stamps_as_the_attack_applies():
     """The oracle trigger of every attack that is a mask/pattern or an additive trigger."""
     images = jnp.asarray(np.random.default_rng(0).uniform(size=(3, 32, 32, 3)), jnp.float32)
@@ -225,6 +250,22 @@ def test_no_detection_returns_the_model_unchanged(tiny_model, random_dataset):
     assert result.info["detection"]["pairs_searched"] == 3
 
 
+def test_every_detected_target_gets_its_own_batch_stats_and_params_stay(tiny_model, random_dataset):
+    """The defense's path after detection (MAD threshold -inf: every pair counts as detected),
+    with the re-estimate's own search settings."""
+    module, variables = tiny_model("small-bn")
+    config = bna.BNAConfig(threshold=float("-inf"), reverse=FAST_SEARCH, source_classes=(0,), epochs=1, batch_size=8,
+                           reestimate_reverse=dataclasses.replace(FAST_SEARCH, cost_up=1.0))
+    result = bna.bna(module, variables, random_dataset, jax.random.key(0), config)
+    targets = result.info["detection"]["targets"]
+    assert targets == [1, 2, 3] and sorted(result.info["aligned"]) == targets
+    assert result.variables is variables
+    for stats in result.info["aligned"].values():
+        assert jax.tree_util.tree_structure(stats) == jax.tree_util.tree_structure(variables["batch_stats"])
+    predictions, flagged = result.classifier(random_dataset.images)
+    assert predictions.shape == flagged.shape == (len(random_dataset),)
+
+
 def test_bad_inputs_raise_clear_errors(tiny_model, random_dataset, info):
     module, variables = tiny_model("medium-bn")
     empty = Dataset(np.zeros((0, 32, 32, 3), np.uint8), np.zeros((0,), np.int32), info)
@@ -239,6 +280,7 @@ def test_bad_inputs_raise_clear_errors(tiny_model, random_dataset, info):
         bna.BNAConfig(divergence="hellinger")
     with pytest.raises(ValueError, match="neurons"):
         bna.BNAConfig(neurons="pixel")
+    assert bna.BNAConfig(reestimate_reverse={"cost_up": 1.0}).reestimate_reverse.cost_up == 1.0
     with pytest.raises(ValueError, match="kind"):
         bna.BNAConfig(reverse={"kind": "warp"})
     assert bna.BNAConfig(reverse={"steps": 7}).reverse.steps == 7  # CLI: --set reverse="{'steps': 7}"

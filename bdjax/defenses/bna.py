@@ -73,6 +73,10 @@ class BNAConfig:
     ``align_all_sources``: align on the clean images of every class but t instead of only the
     detected sources Ŝ(t) (the paper's D_t). For an all-to-one attack the two coincide when
     every source is searched; with a restricted search Ŝ(t) is only a sample of the sources.
+    ``reestimate_reverse``: the search that re-estimates each detected target's trigger
+    (None: ``reverse``, as in the paper). E.g. ``{"cost_up": 1.0}`` holds NC's mask cost at
+    ``init_cost`` instead of doubling it, so the mask stops growing smaller once the sources
+    flip (experiments/results/bna_gtsrb.md measures both).
     """
 
     threshold: float = 7.0
@@ -87,9 +91,12 @@ class BNAConfig:
     reverse: ReverseConfig = dataclasses.field(default_factory=ReverseConfig)
     source_classes: tuple[int, ...] | None = None
     align_all_sources: bool = False
+    reestimate_reverse: ReverseConfig | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "reverse", as_reverse_config(self.reverse))
+        if self.reestimate_reverse is not None:
+            object.__setattr__(self, "reestimate_reverse", as_reverse_config(self.reestimate_reverse))
         if self.source_classes is not None:
             object.__setattr__(self, "source_classes", tuple(int(s) for s in self.source_classes))
         if self.divergence not in DIVERGENCES:
@@ -139,13 +146,22 @@ def detect(module, variables, clean: Dataset, key, config: BNAConfig = BNAConfig
     return Detection(pairs, found.norm, found.statistic, scores, scores > config.threshold)
 
 
-def reestimate(module, variables, clean: Dataset, sources, target: int, key, config: ReverseConfig) -> Trigger:
-    """One trigger for ``target`` from the clean images of all its detected ``sources``."""
+def reestimate(module, variables, clean: Dataset, sources, target: int, key, config: ReverseConfig,
+               restarts: int = 1) -> Trigger:
+    """One trigger for ``target`` from the clean images of all its detected ``sources``.
+
+    ``restarts`` > 1: that many searches with different keys, vmapped in one program; the
+    result is a stack (leaves with a leading [restarts] axis) that ``Trigger.stamp`` applies
+    in turn.
+    """
     chosen = np.isin(clean.labels, np.asarray(sources))
+    if not chosen.any():
+        raise ValueError(f"the clean set has no image of the sources {list(sources)}")
     bank = to_float(clean.images[chosen])[None]
-    found = reverse_engineer(module, variables, bank, np.zeros(1, np.int32), np.asarray([target]), key,
-                             dataclasses.replace(config, chunk_size=1))
-    return jax.tree_util.tree_map(jnp.asarray, found.trigger.take(0))
+    found = reverse_engineer(module, variables, bank, np.zeros(restarts, np.int32), np.full(restarts, target), key,
+                             dataclasses.replace(config, chunk_size=restarts))
+    trigger = found.trigger if restarts > 1 else found.trigger.take(0)
+    return jax.tree_util.tree_map(jnp.asarray, trigger)
 
 
 # --------------------------------------------------------------------------- soft histograms
@@ -418,7 +434,7 @@ def bna(module, variables, clean: Dataset, key, config: BNAConfig = BNAConfig())
     for target in detection.targets:
         sources = detection.sources(target)
         trigger = reestimate(module, variables, clean, sources, target, jax.random.fold_in(estimate_key, target),
-                             config.reverse)
+                             config.reestimate_reverse or config.reverse)
         align_classes = np.setdiff1d(np.arange(clean.info.num_classes), [target]) if config.align_all_sources \
             else np.asarray(sources)
         images = to_float(clean.images[np.isin(clean.labels, align_classes)])

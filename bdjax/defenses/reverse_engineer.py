@@ -118,10 +118,18 @@ class Trigger(struct.PyTreeNode):
         raise ValueError(f"{type(attack).__name__} is not a mask/pattern or additive trigger")
 
     def stamp(self, images):
-        """images: f32[N, H, W, C] -> f32[N, H, W, C] with the (single) trigger applied."""
-        mask = jnp.broadcast_to(self.mask, images.shape)
-        pattern = jnp.broadcast_to(self.pattern, images.shape)
-        delta = jnp.broadcast_to(self.delta, images.shape)
+        """images: f32[N, H, W, C] -> f32[N, H, W, C] with the trigger applied.
+
+        A stack of K triggers (leaves with a leading [K] axis, e.g. ``bna.reestimate`` with
+        restarts) is applied in turn: image i gets trigger i mod K.
+        """
+        mask, pattern, delta = self.mask, self.pattern, self.delta
+        if mask.ndim == images.ndim:
+            which = jnp.arange(images.shape[0]) % mask.shape[0]
+            mask, pattern, delta = mask[which], pattern[which], delta[which]
+        mask = jnp.broadcast_to(mask, images.shape)
+        pattern = jnp.broadcast_to(pattern, images.shape)
+        delta = jnp.broadcast_to(delta, images.shape)
         return jnp.clip((1.0 - mask) * images + mask * pattern + delta, 0.0, 1.0)
 
     def stamp_uint8(self, images: np.ndarray) -> np.ndarray:
