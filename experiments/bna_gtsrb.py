@@ -116,7 +116,7 @@ def main(argv=None):
                                 chunk_size=args.chunk_size)
         sources = "all" if args.sources is None else ",".join(map(str, args.sources))
         before = evaluate_model(run.module, run.variables, sets)
-        mode = run.target.mode
+        mode = run.target.mode if run.target is not None else "clean"  # a clean model has no target
         paper = PAPER.get((run.record["spec"]["dataset"], attack + ("-a2a" if mode == "all_to_all" else "")), {})
         print(f"\n## {name} (defense set {len(clean)}, eval {len(sets.clean)}; BNA sources: {sources}, "
               f"{kind} search, {args.steps} steps)\n")

@@ -109,8 +109,10 @@ def main(argv=None):
                 where = ", ".join(f"({r}, {c}) {mask[r, c]:.2f}" for r, c in zip(*np.unravel_index(top, mask.shape)))
                 on_patch = (f", {float((one.mask * true_trigger.mask).sum() / one.mask.sum()):.2f} of it on the "
                             f"true patch" if patch_attack else "")
-                print(f"re-estimated from {len(sources)} sources, {steps} steps, restart {k}: mask L1 "
-                      f"{mask.sum():.2f}{on_patch}; largest mask pixels (row, col) {where}", flush=True)
+                delta = float(np.linalg.norm(np.asarray(one.delta)))
+                shape = (f"delta L2 {delta:.3f}" if delta > 0 else
+                         f"mask L1 {mask.sum():.2f}{on_patch}; largest mask pixels (row, col) {where}")
+                print(f"re-estimated from {len(sources)} sources, {steps} steps, restart {k}: {shape}", flush=True)
             print(f"({args.restarts} restart(s) in {seconds:.0f} s)", flush=True)
             if args.restarts > 1 and args.each:
                 for k in range(args.restarts):
