@@ -74,9 +74,11 @@ class BNAConfig:
     detected sources Ŝ(t) (the paper's D_t). For an all-to-one attack the two coincide when
     every source is searched; with a restricted search Ŝ(t) is only a sample of the sources.
     ``reestimate_reverse``: the search that re-estimates each detected target's trigger
-    (None: ``reverse``, as in the paper). E.g. ``{"cost_up": 1.0}`` holds NC's mask cost at
-    ``init_cost`` instead of doubling it, so the mask stops growing smaller once the sources
-    flip (experiments/results/bna_gtsrb.md measures both).
+    (None: ``reverse``, as in the paper). A whole ``ReverseConfig``: fields a dict leaves out
+    take ReverseConfig's defaults, not ``reverse``'s (pass ``kind`` again for perturbations).
+    E.g. ``{"cost_up": 1.0}`` holds NC's mask cost at ``init_cost`` instead of doubling it, so
+    the mask stops growing smaller once the sources flip (experiments/results/bna_gtsrb.md
+    measures both; ours, not the paper's).
     """
 
     threshold: float = 7.0
@@ -91,7 +93,7 @@ class BNAConfig:
     reverse: ReverseConfig = dataclasses.field(default_factory=ReverseConfig)
     source_classes: tuple[int, ...] | None = None
     align_all_sources: bool = False
-    reestimate_reverse: ReverseConfig | None = None
+    reestimate_reverse: ReverseConfig | dict | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "reverse", as_reverse_config(self.reverse))
