@@ -106,14 +106,17 @@ def main(argv=None):
             stack = found if args.restarts > 1 else jax.tree_util.tree_map(lambda x: x[None], found)
             for k in range(args.restarts):
                 one = stack.take(k)
-                mask = np.asarray(one.mask[..., 0])
-                top = np.argsort(-mask, axis=None)[:5]
-                where = ", ".join(f"({r}, {c}) {mask[r, c]:.2f}" for r, c in zip(*np.unravel_index(top, mask.shape)))
-                on_patch = (f", {float((one.mask * true_trigger.mask).sum() / one.mask.sum()):.2f} of it on the "
-                            f"true patch" if patch_attack else "")
                 delta = float(np.linalg.norm(np.asarray(one.delta)))
-                shape = (f"delta L2 {delta:.3f}" if delta > 0 else
-                         f"mask L1 {mask.sum():.2f}{on_patch}; largest mask pixels (row, col) {where}")
+                if delta > 0:  # a perturbation trigger: no mask to describe
+                    shape = f"delta L2 {delta:.3f}"
+                else:
+                    mask = np.asarray(one.mask[..., 0])
+                    top = np.argsort(-mask, axis=None)[:5]
+                    where = ", ".join(f"({r}, {c}) {mask[r, c]:.2f}"
+                                      for r, c in zip(*np.unravel_index(top, mask.shape)))
+                    on_patch = (f", {float((one.mask * true_trigger.mask).sum() / one.mask.sum()):.2f} of it "
+                                f"on the true patch" if patch_attack else "")
+                    shape = f"mask L1 {mask.sum():.2f}{on_patch}; largest mask pixels (row, col) {where}"
                 print(f"re-estimated from {len(sources)} sources, {steps} steps, restart {k}: {shape}", flush=True)
             print(f"({args.restarts} restart(s) in {seconds:.0f} s)", flush=True)
             if args.restarts > 1 and args.each:
