@@ -65,6 +65,8 @@ CIFAR_ATTACKS = {
     "cb": dict(attack="cb"),
     "cb-6": dict(attack="cb", attack_args={"magnitude": 6 / 255}),
     "sp": dict(attack="sp"),
+    # BNA table 1's warping trigger, as the GTSRB entry (noise mode, 16 epochs: it plants slowly).
+    "wanet": dict(attack="wanet", cpu_epochs=16),
     # No backdoor (BNA table 9 on CIFAR-10).
     "clean": dict(attack="none"),
 }
