@@ -123,7 +123,8 @@ def main(argv=None):
         attack = run.record["spec"]["attack"]
         kind = "patch" if attack in ("badnets", "trojan", "none") else "perturbation"
         # The paper's MAD threshold: 7, and 3 for WaNet (appendix 8: its clean pairs' triggers are small too).
-        threshold = args.threshold if args.threshold is not None else 3.0 if attack == "wanet" else 7.0
+        threshold = (args.threshold if args.threshold is not None
+                     else 3.0 if attack == "wanet" else bna.BNAConfig.threshold)
         reverse = ReverseConfig(kind=kind, steps=args.steps, batch_size=args.clean_per_class,
                                 chunk_size=args.chunk_size)
         sources = "all" if args.sources is None else ",".join(map(str, args.sources))
