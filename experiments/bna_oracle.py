@@ -1,5 +1,5 @@
 """BNA's alignment step alone, with the TRUE trigger of a zoo model (an oracle; patch, Blended and
-additive attacks: ``Trigger.from_attack``),
+additive attacks: ``Trigger.from_attack``; WaNet: the attack's own warp, ``AttackTrigger``),
 or with a trigger re-estimated from chosen source classes (the full defense's last step alone).
 
     python experiments/bna_oracle.py --run resnet20-gtsrb-badnets --epochs 1 3 5 10
@@ -42,7 +42,7 @@ import numpy as np
 from bdjax import checkpoint
 from bdjax.data.dataset import to_float
 from bdjax.defenses import bna
-from bdjax.defenses.reverse_engineer import ReverseConfig, Trigger
+from bdjax.defenses.reverse_engineer import ReverseConfig, oracle_trigger
 from bdjax.runs import split_for_defense
 from bdjax.surgery import bn_units
 from bna_gtsrb import divergence_markdown
@@ -75,7 +75,7 @@ def main(argv=None):
     patch_attack = hasattr(run.attack, "mask")
     clean, sets = split_for_defense(run, args.clean_per_class, 0, args.data_dir, eval_limit=args.eval_limit)
     try:
-        true_trigger = Trigger.from_attack(run.attack, clean.images.shape[1:])
+        true_trigger = oracle_trigger(run.attack, clean.images.shape[1:])
     except ValueError as error:
         if not args.reestimate_from:
             raise SystemExit(f"{args.run}: no oracle trigger: {error}") from None

@@ -171,6 +171,13 @@ def test_trigger_from_attack_stamps_as_the_attack_applies():
     for name, match in (("wanet", "not a mask/pattern"), ("random-size-patch", "new trigger per input")):
         with pytest.raises(ValueError, match=match):
             Trigger.from_attack(attacks.make(name, jax.random.key(3)), (32, 32, 3))
+    warp = attacks.make("wanet", jax.random.key(3))  # no Trigger: the oracle is the attack's own apply
+    oracle = reverse_engineer.oracle_trigger(warp, (32, 32, 3))
+    assert isinstance(oracle, reverse_engineer.AttackTrigger)
+    np.testing.assert_allclose(jax.jit(lambda t, x: t.stamp(x))(oracle, images), warp.apply(images), atol=1e-6)
+    assert isinstance(reverse_engineer.oracle_trigger(attacks.make("sig", jax.random.key(3)), (32, 32, 3)), Trigger)
+    with pytest.raises(ValueError, match="new trigger per input"):
+        reverse_engineer.oracle_trigger(attacks.make("random-size-patch", jax.random.key(3)), (32, 32, 3))
 
 
 def test_reverse_engineering_shapes_and_statistic(tiny_model, random_dataset):

@@ -61,7 +61,9 @@ class BNAConfig:
     """BNA's settings; defaults from the paper (sec. 5.1, appendix 8).
 
     - ``threshold`` 7 on the MAD anomaly score (3 for WaNet, appendix 8), with the MAD not
-      rescaled (``mad_consistency`` 1.0: "absolute deviation divided by MAD");
+      rescaled (``mad_consistency`` 1.0: "absolute deviation divided by MAD"). The default
+      does not look at the attack (a defender does not know it): for the paper's WaNet
+      setting pass 3 (``bdjax defend bna RUN --set threshold=3``);
     - ``bin_width`` Δb = 0.1 between each neuron's clean min and max, ``tau`` τ = 150;
     - ``divergence`` TV (sec. 5.2), or "js" / "kl" (appendix 10);
     - ``learning_rate`` 0.01 (Adam), ``epochs`` 10; ``batch_size`` is ours (not given).

@@ -140,6 +140,36 @@ class Trigger(struct.PyTreeNode):
         return jax.tree_util.tree_map(lambda x: x[index], self)
 
 
+class AttackTrigger(struct.PyTreeNode):
+    """A deterministic attack's own ``apply`` where a ``Trigger`` is expected (``stamp``): the
+    oracle for attacks that are no mask/pattern/δ, e.g. WaNet's warp. A pytree (the attack is
+    one), so it passes through ``jax.jit`` like a Trigger (``bna.align_batch_stats``)."""
+
+    attack: attacks.Attack
+
+    @classmethod
+    def of(cls, attack) -> AttackTrigger:
+        if getattr(attack, "stochastic", False):
+            raise ValueError(f"{type(attack).__name__} draws a new trigger per input: no single stamp is it")
+        return cls(attack)
+
+    def stamp(self, images):
+        """images: f32[N, H, W, C] -> f32[N, H, W, C], the attack applied."""
+        return self.attack.apply(images)
+
+    def stamp_uint8(self, images: np.ndarray) -> np.ndarray:
+        return to_uint8(np.asarray(self.stamp(jnp.asarray(to_float(images)))))
+
+
+def oracle_trigger(attack, image_shape) -> Trigger | AttackTrigger:
+    """The attack's own trigger: a ``Trigger`` where it is one (``Trigger.from_attack``),
+    else the attack's ``apply`` (``AttackTrigger``; raises for per-input random triggers)."""
+    try:
+        return Trigger.from_attack(attack, image_shape)
+    except ValueError:
+        return AttackTrigger.of(attack)
+
+
 class Reversed(struct.PyTreeNode):
     """Result of reverse engineering T tasks (NumPy or jax arrays)."""
 
