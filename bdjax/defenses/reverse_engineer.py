@@ -157,9 +157,6 @@ class AttackTrigger(struct.PyTreeNode):
         """images: f32[N, H, W, C] -> f32[N, H, W, C], the attack applied."""
         return self.attack.apply(images)
 
-    def stamp_uint8(self, images: np.ndarray) -> np.ndarray:
-        return to_uint8(np.asarray(self.stamp(jnp.asarray(to_float(images)))))
-
 
 def oracle_trigger(attack, image_shape) -> Trigger | AttackTrigger:
     """The attack's own trigger: a ``Trigger`` where it is one (``Trigger.from_attack``),
