@@ -34,6 +34,11 @@ from bdjax.data.dataset import Dataset, to_float, to_uint8
 KINDS = ("patch", "perturbation")
 
 
+def _require_one_trigger(attack):
+    if getattr(attack, "stochastic", False):
+        raise ValueError(f"{type(attack).__name__} draws a new trigger per input: no single trigger is it")
+
+
 @dataclasses.dataclass(frozen=True)
 class ReverseConfig:
     """Trigger reverse engineering; defaults from Neural Cleanse's code (Wang et al. 2019).
@@ -101,8 +106,7 @@ class Trigger(struct.PyTreeNode):
         on every pixel, its pattern) and the additive ones, SIG / CB / SP (delta). Raises for
         attacks that are not (WaNet's warp, per-input random triggers)."""
         height, width, channels = image_shape
-        if getattr(attack, "stochastic", False):
-            raise ValueError(f"{type(attack).__name__} draws a new trigger per input: no single Trigger is it")
+        _require_one_trigger(attack)
         if isinstance(attack, attacks.Blended):
             mask = jnp.full((height, width, 1), attack.alpha, jnp.float32)
             return cls.patch(mask, jnp.broadcast_to(attack.pattern, (height, width, channels)))
@@ -149,8 +153,7 @@ class AttackTrigger(struct.PyTreeNode):
 
     @classmethod
     def of(cls, attack) -> AttackTrigger:
-        if getattr(attack, "stochastic", False):
-            raise ValueError(f"{type(attack).__name__} draws a new trigger per input: no single stamp is it")
+        _require_one_trigger(attack)
         return cls(attack)
 
     def stamp(self, images):
