@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bdjax import surgery
+from bdjax import loops, surgery
 from bdjax.data.dataset import Dataset
 from bdjax.defenses.base import DefenseResult, check_clean_set, register
 from bdjax.defenses.channel_lipschitz import bn_units_or_raise
@@ -117,14 +117,14 @@ def adversarial_noise(loss_fn, like, key, eps: float, steps: int = 1):
     return jax.lax.stop_gradient(noise)
 
 
-@functools.partial(jax.jit, static_argnames=("module", "units", "config", "flip"))
 def learn_masks(params, batch_stats, images, labels, key, *, module, units: tuple[ConvUnit, ...],
                 config: AnpConfig, flip: bool) -> tuple[Masks, dict]:
-    """ANP's mask optimisation (Alg. 1), all iterations in one ``lax.scan``.
+    """ANP's mask optimisation (Alg. 1): one compiled iteration in a host loop (``bdjax.loops.scan``).
 
     images: f32[N, H, W, C], labels: int32[N]. Returns ``(masks {unit: f32[C]} in [0, 1],
     {"natural_loss", "robust_loss": f32[iterations]})``.
     """
+    images, labels = jnp.asarray(images), jnp.asarray(labels)
     count = images.shape[0]
     batch = min(config.batch_size, count)
     optimizer = optax.sgd(config.mask_lr, momentum=config.momentum)
@@ -156,7 +156,7 @@ def learn_masks(params, batch_stats, images, labels, key, *, module, units: tupl
         return (masks, opt_state), {"natural_loss": natural, "robust_loss": jnp.asarray(robust, jnp.float32)}
 
     keys = jax.random.split(key, config.iterations)
-    (masks, _), history = jax.lax.scan(iteration, (masks, optimizer.init(masks)), keys)
+    (masks, _), history = loops.scan(iteration, (masks, optimizer.init(masks)), keys)
     return masks, history
 
 

@@ -328,18 +328,19 @@ def _theta_to_stats(theta):
         lambda path, x: jnp.square(jnp.maximum(x, 1e-3)) if path[-1].key == "var" else x, theta)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6, 7))
-def _align(module, variables, images, trigger, edges, order, units, config):
-    """Adam on (mean, std) of every BN; one step per row of ``order`` (int32[steps, B]).
+@functools.partial(jax.jit, static_argnums=(0, 8, 9))
+def _align_step(module, variables, images, trigger, edges, theta, opt_state, indices, units, config):
+    """One Adam step on (mean, std) of every BN, on the minibatch ``images[indices]``.
 
-    Each step compares the minibatch's clean histograms in the original model with the same
-    images' triggered histograms under the new statistics (both sides from the same images,
-    so sampling noise does not enter the divergence).
+    It compares the minibatch's clean histograms in the original model with the same images'
+    triggered histograms under the new statistics (both sides from the same images, so
+    sampling noise does not enter the divergence). The steps are a Python loop, not a
+    ``lax.scan``: see ``bdjax.loops`` on XLA:CPU convolutions in while loops.
     """
-    optimizer = optax.adam(config.learning_rate)
     histogram = functools.partial(soft_histogram, tau=config.tau, bin_width=config.bin_width)
+    batch = images[indices]
 
-    def loss_fn(theta, batch):
+    def loss_fn(theta):
         clean = _unit_values(module, variables, batch, units, config.neurons)
         stats = _theta_to_stats(theta)
         values = _unit_values(module, {**variables, "batch_stats": stats}, trigger.stamp(batch), units, config.neurons)
@@ -347,15 +348,9 @@ def _align(module, variables, images, trigger, edges, order, units, config):
                                       histogram(v, edges[name]), config.divergence))
                    for name, v in values.items())
 
-    def step(carry, indices):
-        theta, opt_state = carry
-        loss, grads = jax.value_and_grad(loss_fn)(theta, images[indices])
-        updates, opt_state = optimizer.update(grads, opt_state, theta)
-        return (optax.apply_updates(theta, updates), opt_state), loss
-
-    theta = _stats_to_theta(variables["batch_stats"])
-    (theta, _), losses = jax.lax.scan(step, (theta, optimizer.init(theta)), order)
-    return _theta_to_stats(theta), losses
+    loss, grads = jax.value_and_grad(loss_fn)(theta)
+    updates, opt_state = optax.adam(config.learning_rate).update(grads, opt_state, theta)
+    return optax.apply_updates(theta, updates), opt_state, loss
 
 
 def align_batch_stats(module, variables, images, trigger: Trigger, edges: dict, key,
@@ -375,9 +370,15 @@ def align_batch_stats(module, variables, images, trigger: Trigger, edges: dict, 
     rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
     order = np.concatenate([rng.permutation(len(images))[:per_epoch * batch].reshape(per_epoch, batch)
                             for _ in range(config.epochs)]).astype(np.int32)
-    stats, losses = _align(module, variables, jnp.asarray(images), trigger, edges, jnp.asarray(order), units,
-                           _AlignSettings.of(config))
-    return stats, np.asarray(losses)
+    settings = _AlignSettings.of(config)
+    theta = _stats_to_theta(variables["batch_stats"])
+    opt_state = optax.adam(config.learning_rate).init(theta)
+    images, losses = jnp.asarray(images), []
+    for indices in order:  # Adam on (mean, std) of every BN, one step per row of ``order``
+        theta, opt_state, loss = _align_step(module, variables, images, trigger, edges, theta, opt_state,
+                                             jnp.asarray(indices), units, settings)
+        losses.append(loss)
+    return _theta_to_stats(theta), np.asarray(jnp.stack(losses))
 
 
 # --------------------------------------------------------------------------- test-time rule

@@ -17,13 +17,13 @@ hypergradient Adam step per clean batch. BatchNorm runs in eval mode throughout.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bdjax import loops
 from bdjax.data.dataset import Dataset, to_float
 from bdjax.defenses.base import DefenseResult, check_clean_set, register
 from bdjax.training import cross_entropy
@@ -72,7 +72,9 @@ def implicit_hypergradient(inner_loss, outer_loss, delta, params, steps: int, in
     def iterate(v, _):
         return jax.tree_util.tree_map(jnp.add, pullback(v)[0], grad_delta), None
 
-    v, _ = jax.lax.scan(iterate, jax.tree_util.tree_map(jnp.zeros_like, grad_delta), None, length=steps)
+    # Unrolled: a while loop here would run the convolutions' backward slowly on CPU (bdjax.loops).
+    v, _ = jax.lax.scan(iterate, jax.tree_util.tree_map(jnp.zeros_like, grad_delta), None, length=steps,
+                        unroll=True)
     return jax.tree_util.tree_map(jnp.add, grad_params, pullback(v)[1])
 
 
@@ -82,9 +84,9 @@ def _perturbed(images, delta, count: int):
     return images + jnp.where(jnp.broadcast_to(chosen, images.shape), jnp.broadcast_to(delta, images.shape), 0.0)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5))
 def _round(module, variables, opt_state, images, labels, config: IBAUConfig):
-    """One I-BAU round over ``images`` f32[steps, B, H, W, C] / ``labels`` int32[steps, B]."""
+    """One I-BAU round over ``images`` f32[steps, B, H, W, C] / ``labels`` int32[steps, B]
+    (each loop a host loop of one compiled step, ``bdjax.loops.scan``)."""
     optimizer = optax.adam(config.learning_rate)
     batch_stats = variables.get("batch_stats")
 
@@ -100,7 +102,7 @@ def _round(module, variables, opt_state, images, labels, config: IBAUConfig):
         own = jnp.argmax(logits(variables["params"], x), -1)
         return delta - config.perturbation_learning_rate * jax.grad(adversary_loss)(delta, variables["params"], x, own), None
 
-    delta, _ = jax.lax.scan(ascend, jnp.zeros(images.shape[2:], jnp.float32), (images, labels))
+    delta, _ = loops.scan(ascend, jnp.zeros(images.shape[2:], jnp.float32), (images, labels))
     delta = delta * jnp.minimum(1.0, config.radius / jnp.maximum(jnp.linalg.norm(delta), 1e-12))
     count = max(1, round(config.portion * images.shape[1]))
 
@@ -119,7 +121,7 @@ def _round(module, variables, opt_state, images, labels, config: IBAUConfig):
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), outer_loss(delta, params)
 
-    (params, opt_state), losses = jax.lax.scan(unlearn, (variables["params"], opt_state), (images, labels))
+    (params, opt_state), losses = loops.scan(unlearn, (variables["params"], opt_state), (images, labels))
     new = {**variables, "params": params}
     if batch_stats is not None:
         new["batch_stats"] = batch_stats

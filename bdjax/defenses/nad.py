@@ -14,7 +14,6 @@ on the outputs of a few conv units (``attention_units``).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 
 import jax
@@ -22,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bdjax import surgery
+from bdjax import loops, surgery
 from bdjax.data.dataset import Dataset
 from bdjax.defenses.base import DefenseResult, check_clean_set, register
 from bdjax.defenses.finetune import FinetuneConfig, finetune
@@ -109,12 +108,10 @@ def _resolve_units(module, names: tuple[str, ...] | None, count: int) -> tuple[C
 
 
 # --------------------------------------------------------------------------- distillation
-@functools.partial(jax.jit, static_argnames=("module", "units", "betas", "power", "optimizer", "crop_padding",
-                                             "flip"))
 def distill(variables, teacher_variables, images, labels, batches, keys, *, module,
             units: tuple[ConvUnit, ...], betas: tuple[float, ...], power: float,
             optimizer: optax.GradientTransformation, crop_padding: int, flip: bool):
-    """Every student step in one ``lax.scan``.
+    """Every student step: one compiled step in a host loop (``bdjax.loops.scan``).
 
     images uint8[N, H, W, C], labels int32[N], batches int32[T, B] (indices per step),
     keys [T] (augmentation). Returns the student's variables and per-step CE / attention
@@ -143,7 +140,7 @@ def distill(variables, teacher_variables, images, labels, batches, keys, *, modu
         return (optax.apply_updates(params, updates), batch_stats, opt_state), {"ce": ce, "attention": at}
 
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
-    (params, batch_stats, _), history = jax.lax.scan(step, (params, batch_stats, optimizer.init(params)),
+    (params, batch_stats, _), history = loops.scan(step, (params, batch_stats, optimizer.init(params)),
                                                      (batches, keys))
     return {**variables, "params": params, **({"batch_stats": batch_stats} if batch_stats else {})}, history
 

@@ -12,15 +12,17 @@ steps whose batch attack success is ≥ ``success_threshold`` multiply it by 2, 
 ``patience`` steps below divide it by 2^1.5. The reported trigger is the smallest one that
 reached the threshold (the last one when none did; ``reached`` says which).
 
-A *task* is (a bank of images, a target). Tasks are a ``vmap`` axis and the optimisation
-steps a ``lax.scan``, so a chunk of tasks (e.g. ``chunk_size`` ordered class pairs (s, t)
-of BNA, or the C target labels of Neural Cleanse) is one compiled program.
+A *task* is (a bank of images, a target). Tasks are a ``vmap`` axis, so one optimisation
+step of a chunk of tasks (e.g. ``chunk_size`` ordered class pairs (s, t) of BNA, or the C
+target labels of Neural Cleanse) is one compiled program, called once per step from Python
+(not a ``lax.scan``: see ``bdjax.loops`` on XLA:CPU convolutions in while loops).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -210,65 +212,93 @@ def _init_params(key, image_shape, kind: str):
     return {"delta": jnp.zeros((height, width, channels), jnp.float32)}
 
 
-def reverse_one(logits_fn, images, target, key, config: ReverseConfig) -> Reversed:
-    """Reverse-engineer one trigger sending ``images`` (f32[n, H, W, C]) to ``target``.
+class _Search(typing.NamedTuple):
+    """One task's optimisation state (leaves gain a leading [T] axis under vmap)."""
+
+    params: dict
+    opt_state: typing.Any
+    cost: jax.Array
+    up: jax.Array
+    down: jax.Array
+    best: Reversed
+
+
+def _optimizer(config: ReverseConfig):
+    lr = config.learning_rate if config.kind == "patch" else config.perturbation_learning_rate
+    return optax.adam(lr, b1=config.beta1, b2=config.beta2)
+
+
+def search_start(image_shape, key, config: ReverseConfig) -> _Search:
+    """The starting state of one task's search (traceable; vmap it over tasks)."""
+    params = _init_params(key, image_shape, config.kind)
+    start = _params_to_trigger(params, config.kind)
+    best = Reversed(start, _trigger_norm(start, config.kind), jnp.float32(0.0), jnp.bool_(False))
+    return _Search(params, _optimizer(config).init(params), jnp.float32(config.init_cost), jnp.int32(0),
+                   jnp.int32(0), best)
+
+
+def search_step(logits_fn, images, target, state: _Search, step_key, config: ReverseConfig) -> _Search:
+    """One optimisation step of one task sending ``images`` (f32[n, H, W, C]) to ``target``.
 
     logits_fn: f32[B, H, W, C] -> f32[B, classes]. Traceable (vmap it over tasks).
     """
     kind = config.kind
     n = images.shape[0]
     batch = min(config.batch_size, n)
-    lr = config.learning_rate if kind == "patch" else config.perturbation_learning_rate
-    optimizer = optax.adam(lr, b1=config.beta1, b2=config.beta2)
-    init_key, loop_key = jax.random.split(key)
-    params = _init_params(init_key, images.shape[1:], kind)
+    batch_images = images if batch == n else images[jax.random.randint(step_key, (batch,), 0, n)]
+    labels = jnp.full((batch,), target, jnp.int32)
 
-    def loss_fn(params, batch_images):
+    def total(params):
         trigger = _params_to_trigger(params, kind)
         logits = logits_fn(trigger.stamp(batch_images))
-        labels = jnp.full((batch_images.shape[0],), target, jnp.int32)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
         success = jnp.mean(jnp.argmax(logits, -1) == target)
-        return ce, (trigger, success)
+        return ce + state.cost * _trigger_norm(trigger, kind), (trigger, success)
 
-    def step(carry, step_key):
-        params, opt_state, cost, up, down, best = carry
-        batch_images = images if batch == n else images[jax.random.randint(step_key, (batch,), 0, n)]
-
-        def total(params):
-            ce, aux = loss_fn(params, batch_images)
-            return ce + cost * _trigger_norm(aux[0], kind), aux
-
-        (_, (trigger, success)), grads = jax.value_and_grad(total, has_aux=True)(params)
-        norm = _trigger_norm(trigger, kind)
-        hit = success >= config.success_threshold
-        # Keep the smallest trigger that reached the threshold (else the latest one).
-        better = (hit & (~best.reached | (norm < best.norm))) | (~best.reached & ~hit)
-        best = jax.tree_util.tree_map(lambda new, old: jnp.where(better, new, old),
-                                      Reversed(trigger, norm, success, best.reached | hit), best)
-        up = jnp.where(hit, up + 1, 0)
-        down = jnp.where(hit, 0, down + 1)
-        cost = jnp.where(up >= config.patience, cost * config.cost_up,
-                         jnp.where(down >= config.patience, cost / config.cost_down, cost))
-        up = jnp.where(up >= config.patience, 0, up)
-        down = jnp.where(down >= config.patience, 0, down)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state, cost, up, down, best), None
-
-    start = _params_to_trigger(params, kind)
-    best = Reversed(start, _trigger_norm(start, kind), jnp.float32(0.0), jnp.bool_(False))
-    carry = (params, optimizer.init(params), jnp.float32(config.init_cost), jnp.int32(0), jnp.int32(0), best)
-    carry, _ = jax.lax.scan(step, carry, jax.random.split(loop_key, config.steps))
-    return carry[-1]
+    (_, (trigger, success)), grads = jax.value_and_grad(total, has_aux=True)(state.params)
+    norm = _trigger_norm(trigger, kind)
+    hit = success >= config.success_threshold
+    best = state.best
+    # Keep the smallest trigger that reached the threshold (else the latest one).
+    better = (hit & (~best.reached | (norm < best.norm))) | (~best.reached & ~hit)
+    best = jax.tree_util.tree_map(lambda new, old: jnp.where(better, new, old),
+                                  Reversed(trigger, norm, success, best.reached | hit), best)
+    up = jnp.where(hit, state.up + 1, 0)
+    down = jnp.where(hit, 0, state.down + 1)
+    cost = jnp.where(up >= config.patience, state.cost * config.cost_up,
+                     jnp.where(down >= config.patience, state.cost / config.cost_down, state.cost))
+    up = jnp.where(up >= config.patience, 0, up)
+    down = jnp.where(down >= config.patience, 0, down)
+    updates, opt_state = _optimizer(config).update(grads, state.opt_state, state.params)
+    return _Search(optax.apply_updates(state.params, updates), opt_state, cost, up, down, best)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6))
-def _reverse_chunk(module, variables, bank, bank_index, targets, keys, config: ReverseConfig) -> Reversed:
-    """vmap of ``reverse_one`` over a chunk: task i uses ``bank[bank_index[i]]`` (f32[n, H, W, C])."""
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _chunk_start(image_shape, config: ReverseConfig, keys):
+    """Per task: its starting state and its [steps] step keys."""
+    def one(key):
+        init_key, loop_key = jax.random.split(key)
+        return search_start(image_shape, init_key, config), jax.random.split(loop_key, config.steps)
+
+    return jax.vmap(one)(keys)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 7))
+def _chunk_step(module, variables, bank, bank_index, targets, state, step_keys, config: ReverseConfig) -> _Search:
+    """One step of every task in a chunk: task i uses ``bank[bank_index[i]]`` (f32[n, H, W, C])."""
     def logits_fn(images):
         return module.apply(variables, images, train=False)
 
-    return jax.vmap(lambda i, t, k: reverse_one(logits_fn, bank[i], t, k, config))(bank_index, targets, keys)
+    return jax.vmap(lambda i, t, s, k: search_step(logits_fn, bank[i], t, s, k, config))(
+        bank_index, targets, state, step_keys)
+
+
+def _reverse_chunk(module, variables, bank, bank_index, targets, keys, config: ReverseConfig) -> Reversed:
+    """All steps of a chunk of tasks: one compiled step, driven from Python (see the module notes)."""
+    state, step_keys = _chunk_start(tuple(bank.shape[2:]), config, keys)
+    for s in range(config.steps):
+        state = _chunk_step(module, variables, bank, bank_index, targets, state, step_keys[:, s], config)
+    return state.best
 
 
 def reverse_engineer(module, variables, bank, bank_index, targets, key, config: ReverseConfig) -> Reversed:
