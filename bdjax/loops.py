@@ -7,6 +7,9 @@ CI machine a ResNet-20 trigger-search step of 90 CIFAR-10 images took 2.6 s insi
 ``jax.lax.scan``'s contract but compiles ``step`` once and calls it from Python, which costs
 a few microseconds of dispatch per step on any backend. Loops of a few fixed steps inside a
 step are better unrolled (``jax.lax.scan(..., unroll=True)``), which leaves no while loop.
+The slowdown depends on the shapes, so measure before moving a loop: TAC's stage 1 (the
+layers after an 8x8x128 unit, differentiated w.r.t. a map added to it) ran twice as fast
+inside its ``lax.scan`` as in a host loop, and keeps it.
 """
 
 from __future__ import annotations
