@@ -102,6 +102,9 @@ def main(argv=None):
     parser.add_argument("--sources", type=int, nargs="*", default=None, help="BNA source classes (default: all)")
     parser.add_argument("--steps", type=int, default=ReverseConfig.steps, help="reverse-engineering steps")
     parser.add_argument("--chunk-size", type=int, default=ReverseConfig.chunk_size)
+    parser.add_argument("--search-batch", type=int, default=None,
+                        help="images per reverse-engineering step (pair search, re-estimate, NC), drawn at "
+                             "random from the task's images (default --clean-per-class: a source's all)")
     parser.add_argument("--threshold", type=float, default=None,
                         help="BNA's MAD threshold (default: the paper's, 7; 3 for WaNet models)")
     parser.add_argument("--ibau-lr", type=float, default=ibau.IBAUConfig.learning_rate)
@@ -125,7 +128,7 @@ def main(argv=None):
         # The paper's MAD threshold: 7, and 3 for WaNet (appendix 8: its clean pairs' triggers are small too).
         threshold = (args.threshold if args.threshold is not None
                      else 3.0 if attack == "wanet" else bna.BNAConfig.threshold)
-        reverse = ReverseConfig(kind=kind, steps=args.steps, batch_size=args.clean_per_class,
+        reverse = ReverseConfig(kind=kind, steps=args.steps, batch_size=args.search_batch or args.clean_per_class,
                                 chunk_size=args.chunk_size)
         sources = "all" if args.sources is None else ",".join(map(str, args.sources))
         before = evaluate_model(run.module, run.variables, sets)
