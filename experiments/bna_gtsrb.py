@@ -161,7 +161,8 @@ def main(argv=None):
                 print(f"| bna | {fmt(r)} | targets {detected}; TPR {r['tpr']:.4f}, FPR(target) {r['fpr_target']:.4f}, "
                       f"FPR(all) {r['fpr_all']:.4f} | {seconds:.0f} | {paper.get('bna', '')}; {PAPER_DETECTION[mode]} |",
                       flush=True)
-            print(f"\ndetection: {result.info['detection']['top_pairs']}\n")
+            print(f"\ndetection: {result.info['detection']['top_pairs']}\n"
+                  f"detected pairs: {result.info['detection']['detected_pairs']}\n")
             if aligned and len(sets.triggered):
                 # A true target when one was detected (else the first detected target); the
                 # triggered images are those the attack sends to it.
