@@ -128,8 +128,8 @@ def main(argv=None):
         # The paper's MAD threshold: 7, and 3 for WaNet (appendix 8: its clean pairs' triggers are small too).
         threshold = (args.threshold if args.threshold is not None
                      else 3.0 if attack == "wanet" else bna.BNAConfig.threshold)
-        reverse = ReverseConfig(kind=kind, steps=args.steps, batch_size=args.search_batch or args.clean_per_class,
-                                chunk_size=args.chunk_size)
+        search_batch = args.clean_per_class if args.search_batch is None else args.search_batch
+        reverse = ReverseConfig(kind=kind, steps=args.steps, batch_size=search_batch, chunk_size=args.chunk_size)
         sources = "all" if args.sources is None else ",".join(map(str, args.sources))
         before = evaluate_model(run.module, run.variables, sets)
         mode = run.target.mode if run.target is not None else "clean"  # a clean model has no target
