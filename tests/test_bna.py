@@ -33,7 +33,7 @@ def numpy_soft_histogram(values, low, high, bin_width, tau):
     """Reference for one neuron, written from eqs. 5-6 with explicit bins."""
     bins = max(int(np.ceil((high - low) / bin_width)), 1)
     edges = low + bin_width * np.arange(1, bins)
-    sigmoid = lambda z: 1.0 / (1.0 + np.exp(-z))
+    sigmoid = lambda z: 0.5 * (1.0 + np.tanh(0.5 * z))  # the logistic function, without exp overflow
     probs = []
     for i in range(bins):
         above_lower = 1.0 if i == 0 else sigmoid(tau * (values - edges[i - 1]))
