@@ -137,8 +137,9 @@ def main(argv=None):
         sources = "all" if args.sources is None else ",".join(map(str, args.sources))
         before = evaluate_model(run.module, run.variables, sets)
         mode = run.target.mode if run.target is not None else "clean"  # a clean model has no target
-        paper = PAPER.get((run.record["spec"]["dataset"], attack + ("-a2a" if mode == "all_to_all" else "")), {})
-        if paper is CIFAR_BADNETS and run.record["spec"]["dataset"] == "cifar10" and args.clean_per_class >= 100:
+        paper_key = (run.record["spec"]["dataset"], attack + ("-a2a" if mode == "all_to_all" else ""))
+        paper = PAPER.get(paper_key, {})
+        if paper_key == ("cifar10", "badnets") and args.clean_per_class >= 100:
             paper = CIFAR_BADNETS_T1  # the 10%-of-test defense set is table 1's setting, not table 3's
         print(f"\n## {name} (defense set {len(clean)}, eval {len(sets.clean)}; BNA sources: {sources}, "
               f"{kind} search, {args.steps} steps, MAD threshold {threshold:g})\n")
