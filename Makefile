@@ -4,7 +4,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-DATA ?= $(or $(BDJAX_DATA_DIR),../shared/data)
+# Absolute: the notebook tests run their kernels from pytest's temporary folders.
+DATA := $(abspath $(or $(BDJAX_DATA_DIR),../shared/data))
 
 $(BIN)/bdjax: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -34,6 +34,9 @@ from bdjax.data.dataset import INFOS
 FORMAT_VERSION = 1
 VARIABLES_FILE = "variables.npz"
 RECORD_FILE = "record.json"
+# Inside a run directory while it trains: the last finished epoch's full training state.
+TRAINING_DIR = "training"
+TRAINING_META = "state.json"
 
 
 class CheckpointError(ValueError):
@@ -139,6 +142,9 @@ def read_record(run_dir) -> dict:
     path = Path(run_dir) / RECORD_FILE
     if not Path(run_dir).is_dir():
         raise CheckpointError(f"run directory {run_dir} does not exist")
+    if not path.is_file() and (Path(run_dir) / TRAINING_DIR / TRAINING_META).is_file():
+        raise CheckpointError(f"{run_dir} is an unfinished training run: continue it with the same "
+                              "`bdjax train` command plus --resume")
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: {run_dir} is not a bdjax run directory")
     try:
@@ -177,6 +183,54 @@ def load(run_dir) -> Run:
         attack = attacks_lib.from_record(record["attack"], tree.get("attack", {}))
     target = TargetMap.from_record(record["target"]) if record.get("target") else None
     return Run(module, variables, record, attack, target)
+
+
+# --------------------------------------------------------------------------- training state
+# The per-epoch state of an unfinished training (parameters, BatchNorm statistics, optimiser
+# state, data-order RNG, history). Our own format rather than orbax-checkpoint: the state is a
+# few MB written once an epoch, synchronously; the same atomic write and SHA-256 check as a run
+# directory catch a torn or bit-flipped file (orbax verifies no content hash), and a kill at any
+# moment leaves the previous epoch's state readable: a new epoch goes to a new file and only the
+# atomically replaced ``state.json`` names the current one.
+
+def save_training_state(directory, tree, meta: dict) -> Path:
+    """Write the leaves of ``tree`` and the JSON ``meta`` (which must hold ``epoch``)."""
+    directory = Path(directory)
+    buffer = io.BytesIO()
+    np.savez(buffer, **{f"{i:05d}": np.asarray(leaf) for i, leaf in enumerate(jax.tree_util.tree_leaves(tree))})
+    payload = buffer.getvalue()
+    name = f"state-{int(meta['epoch']):05d}.npz"
+    atomic_write(directory / name, payload)
+    meta = dict(meta, state_file=name, state_sha256=hashlib.sha256(payload).hexdigest())
+    atomic_write(directory / TRAINING_META, (json.dumps(_jsonable(meta), indent=1) + "\n").encode())
+    for old in directory.glob("state-*.npz"):
+        if old.name != name:
+            old.unlink()
+    return directory
+
+
+def load_training_state(directory, template):
+    """(tree shaped like ``template``, meta) from ``save_training_state``, or None if there is none."""
+    directory = Path(directory)
+    meta_path = directory / TRAINING_META
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        path = directory / meta["state_file"]
+        payload = path.read_bytes()
+    except (OSError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"training state in {directory} is unreadable ({err}); "
+                              "start again with --overwrite") from None
+    if hashlib.sha256(payload).hexdigest() != meta.get("state_sha256"):
+        raise CheckpointError(f"{path} is corrupt: its SHA-256 does not match {meta_path}")
+    with np.load(io.BytesIO(payload)) as npz:
+        leaves = [npz[k] for k in sorted(npz.files)]
+    want, treedef = jax.tree_util.tree_flatten(template)
+    if len(leaves) != len(want) or any(np.shape(a) != np.shape(b) or np.asarray(a).dtype != np.asarray(b).dtype
+                                       for a, b in zip(leaves, want)):
+        raise CheckpointError(f"training state in {directory} does not fit this model and optimiser")
+    return jax.tree_util.tree_unflatten(treedef, [jax.numpy.asarray(x) for x in leaves]), meta
 
 
 def _check_structure(module, variables, record, path):

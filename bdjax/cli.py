@@ -18,7 +18,7 @@ from bdjax.data.locations import ENV_VAR
 
 DEMO_SPEC = dict(dataset="gtsrb", model="medium-bn", attack="badnets",
                  attack_args={"size": 2, "location": "upper-left"}, target=14, poison_rate=0.1,
-                 epochs=4, train_subset=12000, eval_limit=3000, seed=0)
+                 recipe="thesis", epochs=4, train_subset=12000, eval_limit=3000, seed=0)
 
 
 def _parse_value(text: str):
@@ -43,10 +43,15 @@ def _add_data_dir(parser):
                         help=f"folder with cifar10/ and gtsrb/ (default: ${ENV_VAR}, then ~/.cache/bdjax)")
 
 
+def _rate(value) -> str:
+    """A fraction for the table; a clean model has no ASR / SIA (None or NaN)."""
+    return f"{'—':>8}" if value is None or value != value else f"{value:>8.4f}"
+
+
 def _print_table(rows: list[tuple[str, dict]]):
     print(f"{'':<10}{'ACC':>8}{'ASR':>8}{'SIA':>8}")
     for name, r in rows:
-        print(f"{name:<10}{r['acc']:>8.4f}{r['asr']:>8.4f}{r['sia']:>8.4f}"
+        print(f"{name:<10}{_rate(r['acc'])}{_rate(r['asr'])}{_rate(r['sia'])}"
               + "".join(f"  {k.upper()} {r[k]:.4f}" for k in ("tpr", "fpr") if k in r))
 
 
@@ -54,16 +59,37 @@ def cmd_train(args) -> int:
     from bdjax.runs import RunSpec, train_run
     spec = RunSpec(dataset=args.dataset, model=args.model, attack=args.attack,
                    attack_args=_parse_pairs(args.attack_arg, "--attack-arg"), target=args.target,
-                   target_mode=args.target_mode, poison_rate=args.poison_rate, epochs=args.epochs,
-                   batch_size=args.batch_size, optimizer=args.optimizer, learning_rate=args.lr,
-                   crop_padding=args.crop_padding,
+                   target_mode=args.target_mode, poison_rate=args.poison_rate, recipe=args.recipe,
+                   epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
+                   learning_rate=args.lr, crop_padding=args.crop_padding,
                    train_subset=args.train_subset, eval_limit=args.eval_limit, seed=args.seed)
-    run = train_run(spec, args.out, args.data_dir, progress=not args.quiet)
+    run = _finished_run(args.out, spec) if args.resume else None
+    if run is None:
+        config = spec.train_config()
+        if not args.quiet:
+            print(f"recipe {spec.recipe}: {config.optimizer} lr {config.learning_rate}, batch {config.batch_size}, "
+                  f"{config.epochs} epochs; checkpoint every epoch in {Path(args.out) / 'training'}",
+                  file=sys.stderr)
+        run = train_run(spec, args.out, args.data_dir, progress=not args.quiet, resume=args.resume,
+                        overwrite=args.overwrite)
     metrics = run.record["metrics"]
     print(f"trained {spec.model} on {spec.dataset} ({spec.attack}) in {run.record['train_seconds']:.1f} s "
           f"-> {args.out}")
     _print_table([("model", metrics)])
     return 0
+
+
+def _finished_run(out, spec):
+    """The run in ``out`` if it is finished and was trained from ``spec`` (``--resume`` after the end)."""
+    from bdjax import checkpoint
+    from bdjax.runs import RunSpec
+    if not (Path(out) / checkpoint.RECORD_FILE).exists():
+        return None
+    run = checkpoint.load(out)
+    if RunSpec.from_record(run.record["spec"]) != spec:
+        raise ValueError(f"{out} holds a finished run of another spec; pass --overwrite to replace it")
+    print(f"{out} is already trained", file=sys.stderr)
+    return run
 
 
 def cmd_eval(args) -> int:
@@ -144,28 +170,35 @@ def build_parser() -> argparse.ArgumentParser:
     from bdjax.attacks import ATTACKS
     from bdjax.defenses import DEFENSES
     from bdjax.models import MODEL_NAMES
+    from bdjax.recipes import RECIPES
 
     parser = argparse.ArgumentParser(prog="bdjax", description="Backdoor attacks and defenses in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a backdoored (or clean) model into a run directory")
     p.add_argument("--dataset", choices=["gtsrb", "cifar10", "cifar100"], default="gtsrb")
-    p.add_argument("--model", choices=MODEL_NAMES, default="small-bn")
+    p.add_argument("--model", choices=MODEL_NAMES, default="resnet20")
     p.add_argument("--attack", choices=sorted(ATTACKS) + ["none"], default="badnets")
     p.add_argument("--attack-arg", action="append", metavar="KEY=VALUE",
                    help="attack parameter, e.g. size=3 location=random (repeatable)")
     p.add_argument("--target", type=int, default=0)
     p.add_argument("--target-mode", choices=["all_to_one", "all_to_all"], default="all_to_one")
     p.add_argument("--poison-rate", type=float, default=0.1)
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--crop-padding", type=int, default=0, help="random-crop augmentation padding (0: none)")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="default",
+                   help="training recipe: " + "; ".join(f"{r.name}: {r.summary}" for r in RECIPES.values()))
+    p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
+    p.add_argument("--batch-size", type=int, default=None, help="override the recipe's batch size")
+    p.add_argument("--optimizer", choices=["adam", "sgd"], default=None, help="override the recipe's optimizer")
+    p.add_argument("--lr", type=float, default=None, help="override the recipe's (peak) learning rate")
+    p.add_argument("--crop-padding", type=int, default=None,
+                   help="override the recipe's random-crop padding (0: no crops)")
     p.add_argument("--train-subset", type=int, default=None, help="stratified subset of N training images")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate on a stratified subset of N test images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the unfinished training in --out (checkpointed every epoch)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run --out holds")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_data_dir(p)
     p.set_defaults(func=cmd_train)
@@ -217,7 +250,7 @@ def main(argv=None) -> int:
     from bdjax.data.locations import DataNotFoundError
     try:
         return args.func(args)
-    except (CheckpointError, DataNotFoundError, ValueError, TypeError) as err:
+    except (CheckpointError, DataNotFoundError, ValueError, TypeError, FloatingPointError) as err:
         print(f"bdjax {args.command}: error: {err}", file=sys.stderr)
         return 2
 

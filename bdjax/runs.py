@@ -9,6 +9,7 @@ The CLI, the experiments and the tests all call these two functions.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from bdjax import attacks as attacks_lib
-from bdjax import checkpoint, defenses, models
+from bdjax import checkpoint, defenses, models, recipes
 from bdjax.attacks.base import TargetMap, poison_training_set
 from bdjax.data import clean_defense_split, load, stratified_subset
 from bdjax.data.dataset import Dataset
@@ -24,24 +25,28 @@ from bdjax.evaluation import Report, TestSets, evaluate, evaluate_model, model_c
 from bdjax.training import TrainConfig, train, train_many, unstack_models
 
 
+# The training fields of a RunSpec: None takes the recipe's value.
+TRAINING_FIELDS = ("epochs", "batch_size", "optimizer", "learning_rate", "crop_padding")
+
+
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
-    """What to train. Defaults: the thesis's GTSRB setting (target 14, 10% poison, Adam 1e-3)."""
+    """What to train. Defaults: the ``default`` recipe (``bdjax.recipes``) on the full training
+    split, BadNets at 10% poison; ``epochs`` .. ``crop_padding`` override single recipe fields."""
 
     dataset: str = "gtsrb"
-    model: str = "small-bn"
+    model: str = "resnet20"
     attack: str = "badnets"  # or "none" for a clean model
     attack_args: dict = dataclasses.field(default_factory=dict)
     target: int = 0
     target_mode: str = "all_to_one"
     poison_rate: float = 0.1
-    epochs: int = 15
-    batch_size: int = 128
-    optimizer: str = "adam"
-    learning_rate: float = 1e-3
-    # No augmentation by default: with the thesis's short Adam schedule random crops slow
-    # convergence (small-bn, 5k GTSRB images, 4 epochs: test ACC 0.71 without, 0.42 with).
-    crop_padding: int = 0
+    recipe: str = "default"
+    epochs: int | None = None
+    batch_size: int | None = None
+    optimizer: str | None = None
+    learning_rate: float | None = None
+    crop_padding: int | None = None
     train_subset: int | None = None  # stratified subset of the training split
     eval_limit: int | None = None  # stratified subset of the test split for the record's metrics
     seed: int = 0  # the data: training subset, trigger, poisoned images, evaluation subset
@@ -49,14 +54,28 @@ class RunSpec:
     # here share one poisoned training set and can be trained at once (``train_runs``).
     model_seed: int | None = None
 
+    def __post_init__(self):
+        recipes.get(self.recipe)  # an unknown name fails here, not after loading the data
+
     @classmethod
     def from_record(cls, spec: dict) -> "RunSpec":
-        """The spec a run's ``record.json`` stores (fields it predates take their defaults)."""
+        """The spec a run's ``record.json`` stores (fields it predates take their defaults).
+
+        Records from before recipes stored every training field and meant the thesis recipe;
+        they come back as ``recipe="thesis"`` with the fields that differ from it.
+        """
+        spec = dict(spec)
+        if "recipe" not in spec:
+            thesis = recipes.get("thesis").train_config(spec.get("dataset", "gtsrb"))
+            spec["recipe"] = "thesis"
+            for name in TRAINING_FIELDS:
+                if name in spec and spec[name] == getattr(thesis, name):
+                    spec[name] = None
         return cls(**spec)
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, optimizer=self.optimizer,
-                           learning_rate=self.learning_rate, crop_padding=self.crop_padding)
+        return recipes.get(self.recipe).train_config(
+            self.dataset, **{name: getattr(self, name) for name in TRAINING_FIELDS})
 
 
 def make_attack(spec: RunSpec, info) -> tuple[attacks_lib.Attack | None, TargetMap | None]:
@@ -67,13 +86,30 @@ def make_attack(spec: RunSpec, info) -> tuple[attacks_lib.Attack | None, TargetM
     return attack, TargetMap(spec.target_mode, spec.target, info.num_classes)
 
 
-def train_run(spec: RunSpec, out, data_dir=None, progress: bool = True) -> checkpoint.Run:
+def train_run(spec: RunSpec, out, data_dir=None, progress: bool = True, *, resume: bool = False,
+              overwrite: bool = False) -> checkpoint.Run:
     """Train the model ``spec`` describes on (poisoned) real data and save it into ``out``."""
-    return train_runs([spec], [out], data_dir, progress)[0]
+    return train_runs([spec], [out], data_dir, progress, resume=resume, overwrite=overwrite)[0]
+
+
+def _check_outputs(outs: list[Path], resume: bool, overwrite: bool):
+    """Refuse to replace a finished run or drop an unfinished one unless asked to."""
+    for out in outs:
+        partial = out / checkpoint.TRAINING_DIR
+        if overwrite:
+            shutil.rmtree(partial, ignore_errors=True)
+        elif (out / checkpoint.RECORD_FILE).exists():
+            raise ValueError(f"{out} already holds a trained run; pass --overwrite (overwrite=True) to replace it")
+        elif (partial / checkpoint.TRAINING_META).exists() and not resume:
+            raise ValueError(f"{out} holds an unfinished training run; pass --resume (resume=True) to "
+                             "continue it or --overwrite to start again")
+        elif out.exists() and not out.is_dir():
+            raise ValueError(f"{out} exists and is not a directory")
 
 
 def train_runs(specs: list[RunSpec], outs: list, data_dir=None, progress: bool = True,
-               vectorise: bool | None = None) -> list[checkpoint.Run]:
+               vectorise: bool | None = None, *, resume: bool = False,
+               overwrite: bool = False) -> list[checkpoint.Run]:
     """Train several models of one recipe at once (vmapped, ``train_many``) and save each.
 
     The specs may differ only in ``model_seed``: they share the poisoned training set (drawn
@@ -82,14 +118,21 @@ def train_runs(specs: list[RunSpec], outs: list, data_dir=None, progress: bool =
     ``vectorise``: one vmapped program (default on accelerators) or one ``train`` per model
     on the same data (default on CPU, where vmapping convolutions over parameter sets makes
     grouped convolutions that run slower than a loop; see experiments/results/sweep_benchmark.md).
+
+    Every epoch's training state is checkpointed in ``OUT/training/`` (removed once the run is
+    saved). ``resume``: continue such an unfinished run (same spec) where it stopped; the result
+    equals an uninterrupted run's. ``overwrite``: replace what ``out`` holds; without it a
+    finished run in ``out`` is an error, and so is an unfinished one without ``resume``.
     """
     if not specs or len(specs) != len(outs):
         raise ValueError(f"need one output directory per spec, got {len(specs)} specs and {len(outs)} outputs")
+    outs = [Path(out) for out in outs]
     spec = specs[0]
     for other in specs[1:]:
         if dataclasses.replace(other, model_seed=spec.model_seed) != spec:
             raise ValueError("train_runs: the specs may differ only in model_seed; "
                              f"{other} differs from {spec} elsewhere")
+    _check_outputs(outs, resume, overwrite)
     started = time.perf_counter()
     train_set = load(spec.dataset, "train", data_dir)
     test_set = load(spec.dataset, "test", data_dir)
@@ -107,13 +150,16 @@ def train_runs(specs: list[RunSpec], outs: list, data_dir=None, progress: bool =
     keys = jnp.stack([jax.random.fold_in(jax.random.key(s), 3) for s in model_seeds])
     if vectorise is None:
         vectorise = jax.default_backend() != "cpu"
+    config = spec.train_config()
     if vectorise:
-        result = train_many(module, train_set, spec.train_config(), keys, progress=progress)
+        result = train_many(module, train_set, config, keys, progress=progress,
+                            checkpoint_dir=outs[0] / checkpoint.TRAINING_DIR)
         trained = unstack_models(result.variables, len(specs))
         histories = [[{k: float(v[i]) for k, v in h.items()} for h in result.history] for i in range(len(specs))]
         seconds = [result.seconds] * len(specs)
     else:
-        results = [train(module, train_set, spec.train_config(), key, progress=progress) for key in keys]
+        results = [train(module, train_set, config, key, progress=progress,
+                         checkpoint_dir=out / checkpoint.TRAINING_DIR) for key, out in zip(keys, outs)]
         trained = [r.variables for r in results]
         histories = [r.history for r in results]
         seconds = [r.seconds for r in results]
@@ -126,16 +172,20 @@ def train_runs(specs: list[RunSpec], outs: list, data_dir=None, progress: bool =
         report = evaluate_model(module, variables, sets)
         record = {
             "dataset": spec.dataset, "model": spec.model, "spec": dataclasses.asdict(one_spec),
-            "train_config": dataclasses.asdict(spec.train_config()), "poison_count": poison_count,
+            "train_config": dataclasses.asdict(config), "poison_count": poison_count,
             "train_size": len(train_set), "eval_size": len(eval_set), "metrics": report.to_dict(),
             # Vectorised: wall-clock of the shared program (every model reports the same time).
             "train_seconds": seconds[i], "total_seconds": time.perf_counter() - started,
+            "images_per_second": len(train_set) * config.epochs * len(specs) / max(seconds[i], 1e-9)
+            if vectorise else len(train_set) * config.epochs / max(seconds[i], 1e-9),
             "trained_together": len(specs), "vectorised": bool(vectorise),
             "history": histories[i],
             "backend": jax.default_backend(),
         }
         checkpoint.save(out, variables, record, attack, target)
         runs.append(checkpoint.load(out))
+    for out in outs:
+        shutil.rmtree(out / checkpoint.TRAINING_DIR, ignore_errors=True)
     return runs
 
 

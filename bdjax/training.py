@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import time
 from typing import Any
 
@@ -14,7 +15,7 @@ import optax
 from flax import struct
 from tqdm.auto import tqdm
 
-from bdjax import sharding, surgery
+from bdjax import checkpoint, sharding, surgery
 from bdjax.data.dataset import Dataset
 
 
@@ -31,8 +32,11 @@ class TrainConfig:
     optimizer: str = "adam"  # "adam" | "sgd"
     learning_rate: float = 1e-3
     momentum: float = 0.9
+    nesterov: bool = False
     weight_decay: float = 0.0
     schedule: str = "constant"  # "constant" | "cosine" | "step" (x0.1 at 50% and 75%)
+    # Linear warm-up from 0 over this fraction of all steps (cosine schedule only).
+    warmup_fraction: float = 0.0
     crop_padding: int = 4  # random crop after zero padding; 0 disables
     flip: bool | None = None  # None: the dataset's default (no flips for GTSRB)
     trainable: str = "all"  # "all" | "batch_norm" (only BN γ/β move; BN-unlearning)
@@ -51,12 +55,19 @@ class TrainConfig:
             raise ValueError(f"trainable must be 'all' or 'batch_norm', got {self.trainable!r}")
         if self.epochs < 0 or self.batch_size < 1:
             raise ValueError("epochs must be >= 0 and batch_size >= 1")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if self.warmup_fraction and self.schedule != "cosine":
+            raise ValueError("warmup_fraction needs schedule='cosine'")
 
 
 def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTransformation:
     total_steps = max(total_steps, 1)
     lr = config.learning_rate
-    if config.schedule == "cosine":
+    if config.schedule == "cosine" and config.warmup_fraction:
+        warmup = max(int(total_steps * config.warmup_fraction), 1)
+        lr = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total_steps, end_value=0.0)
+    elif config.schedule == "cosine":
         lr = optax.cosine_decay_schedule(lr, total_steps)
     elif config.schedule == "step":
         lr = optax.piecewise_constant_schedule(
@@ -64,7 +75,7 @@ def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTrans
     if config.optimizer == "sgd":
         # PyTorch-style coupled weight decay, as in the reference recipes.
         return optax.chain(optax.add_decayed_weights(config.weight_decay),
-                           optax.sgd(lr, momentum=config.momentum))
+                           optax.sgd(lr, momentum=config.momentum, nesterov=config.nesterov))
     return optax.chain(optax.add_decayed_weights(config.weight_decay), optax.adam(lr))
 
 
@@ -158,18 +169,26 @@ def _init_state(module, optimizer, key, image_shape):
 
 
 def train(module, dataset: Dataset, config: TrainConfig, key, *, variables=None,
-          progress: bool = True) -> TrainResult:
-    """Train one model (from ``variables`` if given, else a fresh init from ``key``)."""
+          progress: bool = True, checkpoint_dir=None, on_epoch=None) -> TrainResult:
+    """Train one model (from ``variables`` if given, else a fresh init from ``key``).
+
+    ``checkpoint_dir`` and ``on_epoch``: as in ``train_many``.
+    """
     result = train_many(module, dataset, config, jnp.asarray(key)[None],
                         variables=None if variables is None else _stack([variables]),
-                        progress=progress)
+                        progress=progress, checkpoint_dir=checkpoint_dir, on_epoch=on_epoch)
     return TrainResult(_unstack(result.variables, 0),
                        [{k: float(v[0]) for k, v in h.items()} for h in result.history],
                        result.seconds)
 
 
+class TrainingDiverged(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
 def train_many(module, dataset: Dataset, config: TrainConfig, keys, *, variables=None,
-               learning_rates=None, mesh=None, progress: bool = True) -> TrainResult:
+               learning_rates=None, mesh=None, progress: bool = True, checkpoint_dir=None,
+               on_epoch=None) -> TrainResult:
     """Train M models at once, one per key (own init, data order and augmentation), with vmap.
 
     keys: [M] PRNG keys. ``variables``: stacked [M, ...] starting points (default: fresh inits).
@@ -177,6 +196,14 @@ def train_many(module, dataset: Dataset, config: TrainConfig, keys, *, variables
     ``mesh``: a ``bdjax.sharding.sweep_mesh``; the M axis is split over its devices (M must
     be a multiple of the mesh size). Returns stacked variables (every leaf has a leading M
     axis) and per-epoch histories of shape [M]. All models see the same (poisoned) dataset.
+
+    ``checkpoint_dir``: after every epoch the whole training state (parameters, BatchNorm
+    statistics, optimiser state, data-order RNG, history) is written there atomically; a call
+    that finds a state there continues after its last epoch and ends with exactly the weights
+    of an uninterrupted run. A state written by another training (other data, recipe, keys or
+    model) is refused. ``on_epoch(epoch, metrics)`` is called after each epoch (and its
+    checkpoint); metrics hold the epoch's mean loss and accuracy.
+    Raises ``TrainingDiverged`` (and writes no checkpoint) when an epoch's loss is not finite.
     """
     if len(dataset) < config.batch_size:
         raise ValueError(f"dataset has {len(dataset)} images, fewer than batch_size {config.batch_size}")
@@ -202,12 +229,27 @@ def train_many(module, dataset: Dataset, config: TrainConfig, keys, *, variables
     else:
         state = jax.vmap(lambda v: TrainState(jnp.zeros((), jnp.int32), v["params"], v.get("batch_stats", {}),
                                               optimizer.init(v["params"]), jnp.float32(1.0)))(variables)
-    state = sharding.shard_leading(state.replace(lr_scale=lr_scale), mesh)
+    state = state.replace(lr_scale=lr_scale)
+    orders = [np.random.default_rng(np.asarray(jax.random.key_data(k)).ravel()) for k in run_keys]
+    history, first_epoch, seconds_before = [], 0, 0.0
+    if checkpoint_dir is not None:
+        fingerprint = _fingerprint(module, dataset, config, keys, variables, learning_rates)
+        saved = checkpoint.load_training_state(checkpoint_dir, state)
+        if saved is not None:
+            state, meta = saved
+            if meta.get("fingerprint") != fingerprint:
+                raise checkpoint.CheckpointError(
+                    f"the training state in {checkpoint_dir} was written by another training (its data, "
+                    "recipe, seed or model differ); remove it or start again with --overwrite")
+            first_epoch, seconds_before = meta["epoch"], meta["seconds"]
+            history = [{k: np.asarray(v) for k, v in h.items()} for h in meta["history"]]
+            for rng, rng_state in zip(orders, meta["data_order"]):
+                rng.bit_generator.state = rng_state
+    state = sharding.shard_leading(state, mesh)
     run_keys = sharding.shard_leading(run_keys, mesh)
     images, labels = dataset.images, dataset.labels
-    history, start = [], time.perf_counter()
-    orders = [np.random.default_rng(np.asarray(jax.random.key_data(k)).ravel()) for k in run_keys]
-    for epoch in range(config.epochs):
+    start = time.perf_counter()
+    for epoch in range(first_epoch, config.epochs):
         perms = np.stack([rng.permutation(len(dataset)) for rng in orders])
         epoch_keys = jax.vmap(lambda k: jax.random.fold_in(k, epoch))(run_keys)
         epoch_metrics = []
@@ -225,8 +267,31 @@ def train_many(module, dataset: Dataset, config: TrainConfig, keys, *, variables
         # One transfer per epoch keeps the steps dispatching asynchronously.
         epoch_metrics = jax.device_get(epoch_metrics)
         history.append({k: np.mean([m[k] for m in epoch_metrics], axis=0) for k in ("loss", "accuracy")})
+        if not np.all(np.isfinite(history[-1]["loss"])):
+            raise TrainingDiverged(f"training diverged in epoch {epoch + 1}: the loss is "
+                                   f"{history[-1]['loss']} (lower the learning rate); nothing was saved")
+        if checkpoint_dir is not None:
+            checkpoint.save_training_state(checkpoint_dir, jax.device_get(state), {
+                "epoch": epoch + 1, "epochs": config.epochs, "fingerprint": fingerprint,
+                "seconds": seconds_before + time.perf_counter() - start, "history": history,
+                "data_order": [rng.bit_generator.state for rng in orders]})
+        if on_epoch is not None:
+            on_epoch(epoch, history[-1])
     jax.block_until_ready(state)
-    return TrainResult(state.variables, history, time.perf_counter() - start)
+    return TrainResult(state.variables, history, seconds_before + time.perf_counter() - start)
+
+
+def _fingerprint(module, dataset: Dataset, config: TrainConfig, keys, variables, learning_rates) -> str:
+    """What identifies one training: model, data, recipe, keys and starting point."""
+    digest = hashlib.sha256()
+    for part in (repr(module), repr(config), dataset.info.name,
+                 np.asarray(jax.random.key_data(keys)).tobytes(),
+                 np.ascontiguousarray(dataset.images).tobytes(), np.asarray(dataset.labels).tobytes(),
+                 b"" if learning_rates is None else np.asarray(learning_rates, np.float32).tobytes()):
+        digest.update(part.encode() if isinstance(part, str) else part)
+    for leaf in jax.tree_util.tree_leaves(variables):
+        digest.update(np.asarray(leaf).tobytes())
+    return digest.hexdigest()
 
 
 def _stack(trees):

@@ -113,7 +113,7 @@ MODELS_DIR = Path(__file__).resolve().parent / "models"
 # backdoor. Regenerate (then re-check the calibrated assertions):
 #   python -c "import sys; sys.path.insert(0, 'tests'); from conftest import GTSRB_TEST_SPEC, MODELS_DIR; \
 #     from bdjax.runs import train_run; train_run(GTSRB_TEST_SPEC, MODELS_DIR / 'medium-bn-gtsrb-badnets-4k')"
-GTSRB_TEST_SPEC = RunSpec(dataset="gtsrb", model="medium-bn", attack="badnets",
+GTSRB_TEST_SPEC = RunSpec(dataset="gtsrb", model="medium-bn", attack="badnets", recipe="thesis",
                           attack_args={"size": 2, "location": "upper-left"}, target=14,
                           poison_rate=0.1, epochs=5, train_subset=4000, eval_limit=2000, seed=0)
 

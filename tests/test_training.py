@@ -184,3 +184,88 @@ def test_cosine_schedule_starts_at_the_learning_rate_and_decays_to_zero():
     np.testing.assert_allclose(lrs[[0, 50]], [0.1, 0.05], rtol=1e-5)
     assert np.all(np.diff(lrs) <= 0) and lrs[-1] < 1e-3
 
+
+
+def test_warmup_cosine_rises_linearly_to_the_peak_then_decays_to_zero():
+    lrs = learning_rates(TrainConfig(optimizer="sgd", momentum=0.0, learning_rate=0.1, schedule="cosine",
+                                     warmup_fraction=0.1), total_steps=100)
+    np.testing.assert_allclose(lrs[[0, 5, 10]], [0.0, 0.05, 0.1], rtol=1e-5, atol=1e-7)
+    assert np.all(np.diff(lrs[10:]) <= 0) and lrs[-1] < 1e-4
+
+
+def test_nesterov_momentum_changes_the_update():
+    grads, params = {"w": jnp.ones((2,))}, {"w": jnp.zeros((2,))}
+    updates = []
+    for nesterov in (False, True):
+        opt = make_optimizer(TrainConfig(optimizer="sgd", learning_rate=0.1, nesterov=nesterov), 10)
+        updates.append(opt.update(grads, opt.init(params), params)[0]["w"])
+    # First step: plain momentum moves by lr * g, Nesterov by lr * (1 + momentum) * g.
+    np.testing.assert_allclose(updates[0], -0.1, rtol=1e-6)
+    np.testing.assert_allclose(updates[1], -0.19, rtol=1e-6)
+
+
+# --- resumable training ------------------------------------------------------------------
+
+class _Killed(Exception):
+    pass
+
+
+def _kill_after(epochs: int):
+    def on_epoch(epoch, metrics):
+        if epoch + 1 == epochs:
+            raise _Killed
+    return on_epoch
+
+
+def test_a_killed_and_resumed_training_ends_bit_identical_to_an_uninterrupted_one(info, task, tmp_path):
+    """Checkpoint after every epoch (params, BN state, optimiser state, data order); a run
+    stopped after epoch 1 and resumed twice ends with exactly the uninterrupted weights."""
+    module = create("small-bn", info)
+    config = TrainConfig(epochs=3, batch_size=32, optimizer="sgd", learning_rate=0.05, nesterov=True,
+                         weight_decay=5e-4, schedule="cosine", warmup_fraction=0.1, crop_padding=2, flip=True)
+    key = jax.random.key(7)
+    whole = train(module, task, config, key, progress=False)
+    for stop_after in (1, 2):
+        with pytest.raises(_Killed):
+            train(module, task, config, key, progress=False, checkpoint_dir=tmp_path, on_epoch=_kill_after(stop_after))
+    resumed_epochs = []
+    resumed = train(module, task, config, key, progress=False, checkpoint_dir=tmp_path,
+                    on_epoch=lambda epoch, _: resumed_epochs.append(epoch))
+    assert resumed_epochs == [2]
+    for a, b in zip(jax.tree_util.tree_leaves(whole.variables), jax.tree_util.tree_leaves(resumed.variables)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in whole.history]
+    assert len(list(tmp_path.glob("state-*.npz"))) == 1  # only the last epoch's state is kept
+
+
+def test_a_checkpoint_of_another_training_is_refused(info, task, tmp_path):
+    from bdjax.checkpoint import CheckpointError
+
+    module = create("small-bn", info)
+    with pytest.raises(_Killed):
+        train(module, task, CONFIG, jax.random.key(0), progress=False, checkpoint_dir=tmp_path,
+              on_epoch=_kill_after(1))
+    with pytest.raises(CheckpointError, match="another training"):
+        train(module, task, CONFIG, jax.random.key(1), progress=False, checkpoint_dir=tmp_path)
+
+
+def test_a_corrupt_training_checkpoint_is_a_clear_error(info, task, tmp_path):
+    from bdjax.checkpoint import CheckpointError
+
+    module = create("small-bn", info)
+    with pytest.raises(_Killed):
+        train(module, task, CONFIG, jax.random.key(0), progress=False, checkpoint_dir=tmp_path,
+              on_epoch=_kill_after(1))
+    state_file = next(tmp_path.glob("state-*.npz"))
+    state_file.write_bytes(state_file.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        train(module, task, CONFIG, jax.random.key(0), progress=False, checkpoint_dir=tmp_path)
+
+
+def test_a_diverging_training_stops_with_a_clear_error_and_saves_nothing(info, task, tmp_path):
+    from bdjax.training import TrainingDiverged
+
+    config = TrainConfig(epochs=2, batch_size=32, optimizer="sgd", learning_rate=float("nan"))
+    with pytest.raises(TrainingDiverged, match="epoch 1"):
+        train(create("small-bn", info), task, config, jax.random.key(0), progress=False, checkpoint_dir=tmp_path)
+    assert not list(tmp_path.iterdir())

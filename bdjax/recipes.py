@@ -1,0 +1,59 @@
+"""Named training recipes: how a model is trained, written once and chosen by name.
+
+``bdjax train --recipe NAME`` and ``RunSpec(recipe=NAME)`` take one of
+
+- ``default``: a strong model on a 2-core CPU. SGD with Nesterov momentum 0.9, a linear
+  warm-up over the first 5% of the steps to the peak rate, then cosine decay to zero; coupled
+  weight decay 5e-4; batch 64 (1.15x more images per second than 128 on XLA:CPU, measured
+  here), peak rate 0.05 (0.1 at batch 128 scaled linearly); random crop with 4 px zero padding,
+  horizontal flips only where the dataset allows them (CIFAR, not GTSRB's signs); the full
+  training split. Epochs per dataset: GTSRB 5, CIFAR-10 40, CIFAR-100 60.
+- ``backdoorbench``: BackdoorBench's training (SGD 0.01, momentum 0.9, weight decay 5e-4,
+  cosine annealing, batch 128, 100 epochs, random crop 4 px + flips on CIFAR).
+- ``thesis``: the TAC thesis (sec. 5.1): Adam 1e-3, batch 128, 15 epochs, no augmentation
+  (the recipe of the first, weak zoo).
+
+Single fields are overridden on top of a recipe (``RunSpec(recipe="default", epochs=3)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from bdjax.training import TrainConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    name: str
+    summary: str
+    config: TrainConfig
+    # Epochs per dataset where they differ from ``config.epochs``.
+    epochs_by_dataset: tuple[tuple[str, int], ...] = ()
+
+    def train_config(self, dataset: str, **overrides) -> TrainConfig:
+        """The recipe's TrainConfig for ``dataset``, with non-None ``overrides`` applied."""
+        epochs = dict(self.epochs_by_dataset).get(dataset, self.config.epochs)
+        fields = {"epochs": epochs, **{k: v for k, v in overrides.items() if v is not None}}
+        return dataclasses.replace(self.config, **fields)
+
+
+RECIPES: dict[str, Recipe] = {
+    recipe.name: recipe for recipe in (
+        Recipe("default", "SGD Nesterov, 5% warm-up + cosine, wd 5e-4, batch 64, crop (+flip on CIFAR)",
+               TrainConfig(epochs=40, batch_size=64, optimizer="sgd", learning_rate=0.05, momentum=0.9,
+                           nesterov=True, weight_decay=5e-4, schedule="cosine", warmup_fraction=0.05,
+                           crop_padding=4),
+               epochs_by_dataset=(("gtsrb", 5), ("cifar10", 40), ("cifar100", 60))),
+        Recipe("backdoorbench", "BackdoorBench: SGD 0.01, momentum 0.9, wd 5e-4, cosine, 100 epochs",
+               TrainConfig.backdoorbench()),
+        Recipe("thesis", "TAC thesis: Adam 1e-3, batch 128, 15 epochs, no augmentation",
+               TrainConfig(epochs=15, batch_size=128, optimizer="adam", learning_rate=1e-3, crop_padding=0)),
+    )
+}
+
+
+def get(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
+    return RECIPES[name]

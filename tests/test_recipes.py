@@ -1,0 +1,41 @@
+"""Named training recipes and how a run's spec resolves to a training configuration."""
+
+import dataclasses
+
+import pytest
+
+from bdjax import recipes
+from bdjax.runs import RunSpec
+
+
+def test_default_recipe_is_sgd_nesterov_with_warmup_cosine_weight_decay_and_crops():
+    config = recipes.get("default").train_config("cifar10")
+    assert (config.optimizer, config.nesterov, config.momentum, config.schedule) == ("sgd", True, 0.9, "cosine")
+    assert config.warmup_fraction > 0 and config.weight_decay == 5e-4 and config.crop_padding == 4
+    assert config.flip is None  # the dataset decides: flips on CIFAR, none on GTSRB's signs
+    assert config.epochs == 40 and recipes.get("default").train_config("gtsrb").epochs == 5
+
+
+def test_backdoorbench_and_thesis_recipes():
+    bb = recipes.get("backdoorbench").train_config("cifar10")
+    assert (bb.optimizer, bb.learning_rate, bb.weight_decay, bb.schedule, bb.epochs) == ("sgd", 0.01, 5e-4, "cosine", 100)
+    thesis = recipes.get("thesis").train_config("gtsrb")
+    assert (thesis.optimizer, thesis.learning_rate, thesis.epochs, thesis.crop_padding) == ("adam", 1e-3, 15, 0)
+
+
+def test_spec_fields_override_single_recipe_fields():
+    config = RunSpec(dataset="gtsrb", recipe="default", epochs=2, learning_rate=0.01).train_config()
+    assert (config.epochs, config.learning_rate, config.optimizer) == (2, 0.01, "sgd")
+
+
+def test_unknown_recipe_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown recipe 'fast'"):
+        RunSpec(recipe="fast")
+
+
+def test_records_from_before_recipes_read_back_as_the_thesis_recipe():
+    legacy = {k: v for k, v in dataclasses.asdict(RunSpec()).items() if k != "recipe"}
+    legacy.update(epochs=8, batch_size=128, optimizer="adam", learning_rate=1e-3, crop_padding=0)
+    spec = RunSpec.from_record(legacy)
+    assert spec.recipe == "thesis" and spec.epochs == 8 and spec.optimizer is None
+    assert spec.train_config() == dataclasses.replace(recipes.get("thesis").train_config("gtsrb"), epochs=8)
