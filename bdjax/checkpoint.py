@@ -5,20 +5,30 @@ A run directory holds
 - ``variables.npz``: every leaf of ``variables`` under its '/'-joined path
   (``params/stage1_0/conv1/kernel``), and the attack's arrays under ``attack/<field>``;
 - ``record.json``: dataset, model name, attack (name + static fields), target map, poison
-  rate, seed, training config, metrics and the SHA-256 of ``variables.npz``.
+  rate, seed, training config, metrics, the SHA-256 of ``variables.npz`` and the SHA-256 of
+  the record itself (``record_sha256``, of its canonical JSON without that field).
 
-Files are written to a temporary name in the same directory, flushed to disk and renamed, so
-an interrupted save never leaves a half-written file under the real name. Loading checks the
-hash and the tree against the architecture, and says what is wrong when they disagree.
+A save writes the whole run into a hidden sibling folder, flushes it to disk and swaps it in
+with one atomic rename (``renameat2(RENAME_EXCHANGE)`` on Linux), so a kill at any moment
+leaves the old run or the new one under the real name, never a mix or nothing. Where the
+exchange is not available the old run is renamed aside first; ``load`` finishes such an
+interrupted swap. Loading checks both hashes, that every weight is finite and that the tree
+fits the architecture, and says what is wrong when they disagree. Records written before
+``record_sha256`` existed load without that check.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import errno
 import hashlib
 import io
 import json
+import logging
 import os
+import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -37,6 +47,9 @@ RECORD_FILE = "record.json"
 # Inside a run directory while it trains: the last finished epoch's full training state.
 TRAINING_DIR = "training"
 TRAINING_META = "state.json"
+RECORD_HASH_FIELD = "record_sha256"
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -52,6 +65,7 @@ class Run:
     record: dict
     attack: Attack | None
     target: TargetMap | None
+    path: Path | None = None  # the run directory it was loaded from
 
     @property
     def dataset(self) -> str:
@@ -100,18 +114,26 @@ def _unflatten(flat: dict[str, np.ndarray]) -> dict:
 
 def save(run_dir, variables: dict, record: dict, attack: Attack | None = None,
          target: TargetMap | None = None) -> Path:
-    """Write ``variables`` (+ the attack's trigger arrays) and ``record`` into ``run_dir``.
+    """Write ``variables`` (+ the attack's trigger arrays) and ``record`` as the run ``run_dir``.
 
-    ``record`` must name ``dataset`` and ``model``; the attack, target and file hash are added.
+    ``record`` must name ``dataset`` and ``model``; the attack, target and hashes are added.
+    Replaces the run ``run_dir`` holds in one atomic swap (callers decide whether they may:
+    ``bdjax train`` / ``defend`` refuse without ``--overwrite``); anything else in the folder
+    (an unfinished training's ``training/`` state, which ``train_runs`` removes at the end, a
+    user's notes) stays, hard-linked into the new folder. Raises CheckpointError for
+    non-finite weights: a diverged model is never saved.
     """
     for required in ("dataset", "model"):
         if required not in record:
             raise ValueError(f"record must contain {required!r}")
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir} exists and is not a directory; choose another output path")
     arrays = {}
     for collection in ("params", "batch_stats"):
         if collection in variables:
             arrays.update(_flatten(variables[collection], collection))
+    _check_finite(arrays, f"variables to save in {run_dir}")
     record = dict(record, format=FORMAT_VERSION)
     if attack is not None:
         meta, attack_arrays = attack.to_record()
@@ -124,8 +146,17 @@ def save(run_dir, variables: dict, record: dict, attack: Attack | None = None,
     np.savez(buffer, **arrays)
     payload = buffer.getvalue()
     record["variables_sha256"] = hashlib.sha256(payload).hexdigest()
-    atomic_write(run_dir / VARIABLES_FILE, payload)
-    atomic_write(run_dir / RECORD_FILE, (json.dumps(_jsonable(record), indent=2, sort_keys=True) + "\n").encode())
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.", suffix=".new", dir=run_dir.parent))
+    try:
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; a run is an ordinary folder
+        atomic_write(staging / VARIABLES_FILE, payload)
+        atomic_write(staging / RECORD_FILE, _record_bytes(record))
+        _carry_over(run_dir, staging)
+        _fsync_dir(staging)
+        _swap_in(staging, run_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # the old run after a swap, or a failed save's files
     return run_dir
 
 
@@ -133,15 +164,140 @@ def update_record(run_dir, **fields) -> dict:
     """Merge ``fields`` into the run's record (atomically); returns the new record."""
     record = read_record(run_dir)
     record.update(fields)
-    atomic_write(Path(run_dir) / RECORD_FILE,
-                  (json.dumps(_jsonable(record), indent=2, sort_keys=True) + "\n").encode())
-    return record
+    atomic_write(Path(run_dir) / RECORD_FILE, _record_bytes(record))
+    return read_record(run_dir)
+
+
+def record_hash(record: dict) -> str:
+    """SHA-256 of the record's canonical JSON (sorted keys, no whitespace) without ``record_sha256``."""
+    body = {k: v for k, v in _jsonable(record).items() if k != RECORD_HASH_FIELD}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _record_bytes(record: dict) -> bytes:
+    record = _jsonable(record)
+    record[RECORD_HASH_FIELD] = record_hash(record)
+    return (json.dumps(record, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _carry_over(run_dir: Path, staging: Path):
+    """Link (else copy) every entry of ``run_dir`` but the run's own two files into ``staging``."""
+    if not run_dir.is_dir():
+        return
+    for entry in run_dir.iterdir():
+        if entry.name in (VARIABLES_FILE, RECORD_FILE):
+            continue
+        target = staging / entry.name
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry), target)
+        elif entry.is_dir():
+            shutil.copytree(entry, target, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry, target)
+
+
+def _link_or_copy(source, target):
+    try:
+        os.link(source, target)  # the old run keeps its own link until it is removed
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _fsync_dir(path: Path):
+    if sys.platform == "win32":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:  # glibc < 2.28
+        return False
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EPERM):  # e.g. a filesystem without it
+        return False
+    raise OSError(code, f"cannot swap {a} and {b}: {os.strerror(code)}")
+
+
+def _swap_in(staging: Path, run_dir: Path):
+    """Put the complete run ``staging`` at ``run_dir``; the old run, if any, ends up at ``staging``."""
+    if not run_dir.exists():
+        os.rename(staging, run_dir)
+    elif not _exchange(staging, run_dir):
+        # Two renames: a kill between them leaves the new run complete at ``staging`` (*.new),
+        # which read_record moves into place.
+        aside = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.", suffix=".old", dir=run_dir.parent))
+        os.rename(run_dir, aside)  # onto the empty folder mkdtemp made
+        try:
+            os.rename(staging, run_dir)
+        except BaseException:
+            os.rename(aside, run_dir)
+            raise
+        os.rename(aside, staging)
+    _fsync_dir(run_dir.parent)
+
+
+def _finish_interrupted_swap(run_dir: Path) -> bool:
+    """Move the complete run a killed save left beside a missing ``run_dir`` into place.
+
+    The newest complete new run (``.NAME.*.new``) wins, and the old run it replaced is removed,
+    as the save would have done; without one, the old run (``.NAME.*.old``) goes back.
+    """
+    if not run_dir.parent.is_dir():
+        return False
+
+    def complete(kind):
+        found = [p for p in run_dir.parent.glob(f".{run_dir.name}.*.{kind}")
+                 if (p / RECORD_FILE).is_file() and (p / VARIABLES_FILE).is_file()]
+        return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+    new, old = complete("new"), complete("old")
+    if not new and not old:
+        return False
+    os.rename((new or old)[0], run_dir)
+    log.warning("finished an interrupted save of %s", run_dir)
+    if new:
+        for leftover in old:
+            shutil.rmtree(leftover, ignore_errors=True)
+    return True
+
+
+def _check_finite(arrays: dict[str, np.ndarray], what: str):
+    for key, value in arrays.items():
+        value = np.asarray(value)
+        if np.issubdtype(value.dtype, np.inexact) and not np.isfinite(value).all():
+            bad = int(np.size(value) - np.isfinite(value).sum())
+            raise CheckpointError(f"{what}: {key} holds {bad} non-finite value(s) (NaN or inf); "
+                                  "the model diverged, so it is not used")
 
 
 def read_record(run_dir) -> dict:
+    """The run's record, its checksum verified (records older than the checksum: none to verify)."""
     path = Path(run_dir) / RECORD_FILE
-    if not Path(run_dir).is_dir():
+    if not Path(run_dir).exists() and not _finish_interrupted_swap(Path(run_dir)):
         raise CheckpointError(f"run directory {run_dir} does not exist")
+    if not Path(run_dir).is_dir():
+        raise CheckpointError(f"{run_dir} is not a run directory (not a directory)")
     if not path.is_file() and (Path(run_dir) / TRAINING_DIR / TRAINING_META).is_file():
         raise CheckpointError(f"{run_dir} is an unfinished training run: continue it with the same "
                               "`bdjax train` command plus --resume")
@@ -153,6 +309,12 @@ def read_record(run_dir) -> dict:
         raise CheckpointError(f"{path} is corrupt (not valid JSON: {err})") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path} is not a bdjax record of format {FORMAT_VERSION}")
+    if RECORD_HASH_FIELD in record and record[RECORD_HASH_FIELD] != record_hash(record):
+        raise CheckpointError(f"{path} was changed after it was written: its {RECORD_HASH_FIELD} does not "
+                              "match its contents (a hand edit or a damaged file); restore it or retrain")
+    for field in ("dataset", "model", "variables_sha256"):
+        if not isinstance(record.get(field), str):
+            raise CheckpointError(f"{path} has no valid {field!r} entry")
     return record
 
 
@@ -171,18 +333,27 @@ def load(run_dir) -> Run:
             flat = {k: npz[k] for k in npz.files}
     except Exception as err:  # zipfile/pickle errors of many kinds
         raise CheckpointError(f"{path} cannot be read: {err}") from None
+    _check_finite({k: v for k, v in flat.items() if not k.startswith("attack/")}, str(path))
     tree = _unflatten(flat)
     variables = {k: tree[k] for k in ("params", "batch_stats") if k in tree}
     if record["dataset"] not in INFOS:
         raise CheckpointError(f"record names unknown dataset {record['dataset']!r}")
-    module = models.create(record["model"], INFOS[record["dataset"]])
+    info = INFOS[record["dataset"]]
+    try:
+        module = models.create(record["model"], info)
+    except ValueError as err:
+        raise CheckpointError(f"{run_dir / RECORD_FILE}: {err}") from None
     _check_structure(module, variables, record, path)
     variables = jax.tree_util.tree_map(jax.numpy.asarray, variables)
-    attack = None
-    if record.get("attack"):
-        attack = attacks_lib.from_record(record["attack"], tree.get("attack", {}))
-    target = TargetMap.from_record(record["target"]) if record.get("target") else None
-    return Run(module, variables, record, attack, target)
+    try:
+        attack = attacks_lib.from_record(record["attack"], tree.get("attack", {})) if record.get("attack") else None
+        target = TargetMap.from_record(record["target"]) if record.get("target") else None
+    except (TypeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{run_dir / RECORD_FILE}: its attack or target cannot be rebuilt ({err})") from None
+    if target is not None and target.num_classes != info.num_classes:
+        raise CheckpointError(f"{run_dir / RECORD_FILE}: target map has {target.num_classes} classes but "
+                              f"{info.name} has {info.num_classes}")
+    return Run(module, variables, record, attack, target, run_dir)
 
 
 # --------------------------------------------------------------------------- training state

@@ -1,8 +1,11 @@
-"""``bdjax`` command line: train, eval, defend, sweep, demo.
+"""``bdjax`` command line: train, eval, defend, sweep, demo, data verify.
 
 Output contract (other tools parse it): ``eval --json`` prints one object with ``acc``,
 ``asr``, ``sia``; ``defend --json`` prints ``{"method", "before", "after", "seconds"}``
-(detectors add ``tpr``/``fpr`` to ``after``). Fractions are in [0, 1].
+(detectors add ``tpr``/``fpr`` to ``after``). Fractions are in [0, 1]; a rate that does not
+exist (a clean model's ASR) is ``null``. The output is strict JSON (no NaN).
+A user error (a bad flag, a missing file, an existing run as ``--out``) ends in one line on
+stderr and exit status 2, never a traceback; ``data verify`` exits 1 when a file fails.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -31,11 +35,52 @@ def _parse_value(text: str):
 def _parse_pairs(pairs: list[str] | None, flag: str) -> dict:
     result = {}
     for pair in pairs or []:
-        if "=" not in pair:
-            raise SystemExit(f"bdjax: {flag} expects key=value, got {pair!r}")
+        if "=" not in pair or not pair.split("=", 1)[0].strip():
+            raise ValueError(f"{flag} expects key=value, got {pair!r}")
         key, value = pair.split("=", 1)
         result[key.strip().replace("-", "_")] = _parse_value(value.strip())
     return result
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (``bdjax train: error: ...``); ``-h`` shows the usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _number(kind, low=None, *, above: bool = False, high=None, what: str = "a number"):
+    """An argparse type: ``kind`` (int/float), finite, >= ``low`` (> with ``above``), <= ``high``."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if (not math.isfinite(value) or (low is not None and (value <= low if above else value < low))
+                or (high is not None and value > high)):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
+
+
+_COUNT = _number(int, 1, what="a positive whole number (leave the flag out for all)")
+_POSITIVE_INT = _number(int, 1, what="a positive whole number")
+_NON_NEGATIVE_INT = _number(int, 0, what="a whole number >= 0")
+_POSITIVE_FLOAT = _number(float, 0.0, above=True, what="a finite number > 0")
+_FRACTION = _number(float, 0.0, high=1.0, what="a fraction in [0, 1]")
+
+
+def _to_json(value) -> str:
+    """Strict JSON: NaN and infinities (a rate that does not exist) become null."""
+    def clean(v):
+        if isinstance(v, dict):
+            return {str(k): clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        return v
+    return json.dumps(clean(value), allow_nan=False)
 
 
 def _add_data_dir(parser):
@@ -51,8 +96,8 @@ def _rate(value) -> str:
 def _print_table(rows: list[tuple[str, dict]]):
     print(f"{'':<10}{'ACC':>8}{'ASR':>8}{'SIA':>8}")
     for name, r in rows:
-        print(f"{name:<10}{_rate(r['acc'])}{_rate(r['asr'])}{_rate(r['sia'])}"
-              + "".join(f"  {k.upper()} {r[k]:.4f}" for k in ("tpr", "fpr") if k in r))
+        print(f"{name:<10}{_rate(r['acc'])}{_rate(r.get('asr'))}{_rate(r.get('sia'))}"
+              + "".join(f"  {k.upper()}{_rate(r[k])}" for k in ("tpr", "fpr") if k in r))
 
 
 def cmd_train(args) -> int:
@@ -98,11 +143,11 @@ def cmd_eval(args) -> int:
     from bdjax.evaluation import TestSets, evaluate_model
     run = checkpoint.load(args.run_dir)
     test_set = load(run.dataset, "test", args.data_dir)
-    if args.eval_limit:
+    if args.eval_limit is not None:
         test_set = stratified_subset(test_set, args.eval_limit, 0)
     report = evaluate_model(run.module, run.variables, TestSets.build(test_set, run.attack, run.target))
     if args.json:
-        print(json.dumps(report.to_dict()))
+        print(_to_json(report.to_dict()))
     else:
         _print_table([("model", report.to_dict())])
     return 0
@@ -114,10 +159,10 @@ def cmd_defend(args) -> int:
     run = checkpoint.load(args.run_dir)
     outcome = defend_run(run, args.method, clean_per_class=args.clean_per_class, seed=args.seed,
                          overrides=_parse_pairs(args.set, "--set"), data_dir=args.data_dir,
-                         eval_limit=args.eval_limit, out=args.out)
+                         eval_limit=args.eval_limit, out=args.out, overwrite=args.overwrite)
     report = outcome.to_dict()
     if args.json:
-        print(json.dumps({k: report[k] for k in ("method", "before", "after", "seconds")}))
+        print(_to_json({k: report[k] for k in ("method", "before", "after", "seconds")}))
     else:
         print(f"{args.method}: {outcome.defense_size} clean images, {outcome.seconds:.1f} s; "
               f"evaluated on {outcome.eval_size} held-out images")
@@ -132,6 +177,9 @@ def cmd_demo(args) -> int:
     print(f"1/2 planting a BadNets backdoor (2x2 yellow patch, target {spec.target}, "
           f"{spec.poison_rate:.0%} poison) in {spec.model} on {spec.train_subset} real GTSRB images")
     started = time.perf_counter()
+    if not args.reuse and (Path(args.out) / checkpoint.RECORD_FILE).exists():
+        raise ValueError(f"{args.out} already holds a trained model: pass --reuse to defend it again, "
+                         "or choose another --out")
     try:
         run = checkpoint.load(args.out) if args.reuse else None
     except checkpoint.CheckpointError:
@@ -155,6 +203,8 @@ def cmd_sweep(args) -> int:
 
     config = sweep.load_config(args.config, args.variant)
     out = Path(args.out or Path("runs") / "sweeps" / config.name)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
     if not args.table:
         if args.distributed:
             jax.distributed.initialize()
@@ -166,13 +216,29 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_data_verify(args) -> int:
+    from bdjax.data.locations import data_root
+    from bdjax.data.verify import verify_folder
+    root = data_root(args.data_dir)
+    checks = verify_folder(root, args.sums)
+    for check in checks:
+        print(check.describe())
+    bad = [c for c in checks if c.status != "ok"]
+    if bad:
+        print(f"bdjax data verify: error: {len(bad)} of {len(checks)} file(s) in {root} failed "
+              "verification; replace them", file=sys.stderr)
+        return 1
+    print(f"{len(checks)} file(s) in {root} match their checksums")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from bdjax.attacks import ATTACKS
     from bdjax.defenses import DEFENSES
     from bdjax.models import MODEL_NAMES
     from bdjax.recipes import RECIPES
 
-    parser = argparse.ArgumentParser(prog="bdjax", description="Backdoor attacks and defenses in JAX.")
+    parser = _Parser(prog="bdjax", description="Backdoor attacks and defenses in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a backdoored (or clean) model into a run directory")
@@ -181,20 +247,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attack", choices=sorted(ATTACKS) + ["none"], default="badnets")
     p.add_argument("--attack-arg", action="append", metavar="KEY=VALUE",
                    help="attack parameter, e.g. size=3 location=random (repeatable)")
-    p.add_argument("--target", type=int, default=0)
+    p.add_argument("--target", type=_NON_NEGATIVE_INT, default=0)
     p.add_argument("--target-mode", choices=["all_to_one", "all_to_all"], default="all_to_one")
-    p.add_argument("--poison-rate", type=float, default=0.1)
+    p.add_argument("--poison-rate", type=_FRACTION, default=0.1)
     p.add_argument("--recipe", choices=sorted(RECIPES), default="default",
                    help="training recipe: " + "; ".join(f"{r.name}: {r.summary}" for r in RECIPES.values()))
-    p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
-    p.add_argument("--batch-size", type=int, default=None, help="override the recipe's batch size")
+    p.add_argument("--epochs", type=_POSITIVE_INT, default=None, help="override the recipe's epochs")
+    p.add_argument("--batch-size", type=_POSITIVE_INT, default=None, help="override the recipe's batch size")
     p.add_argument("--optimizer", choices=["adam", "sgd"], default=None, help="override the recipe's optimizer")
-    p.add_argument("--lr", type=float, default=None, help="override the recipe's (peak) learning rate")
-    p.add_argument("--crop-padding", type=int, default=None,
+    p.add_argument("--lr", type=_POSITIVE_FLOAT, default=None, help="override the recipe's (peak) learning rate")
+    p.add_argument("--crop-padding", type=_NON_NEGATIVE_INT, default=None,
                    help="override the recipe's random-crop padding (0: no crops)")
-    p.add_argument("--train-subset", type=int, default=None, help="stratified subset of N training images")
-    p.add_argument("--eval-limit", type=int, default=None, help="evaluate on a stratified subset of N test images")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-subset", type=_COUNT, default=None, help="stratified subset of N training images")
+    p.add_argument("--eval-limit", type=_COUNT, default=None, help="evaluate on a stratified subset of N test images")
+    p.add_argument("--seed", type=_NON_NEGATIVE_INT, default=0)
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--resume", action="store_true",
                    help="continue the unfinished training in --out (checkpointed every epoch)")
@@ -206,19 +272,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="ACC/ASR/SIA of a run on the test split")
     p.add_argument("run_dir")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--eval-limit", type=int, default=None)
+    p.add_argument("--eval-limit", type=_COUNT, default=None, help="evaluate on a stratified subset of N test images")
     _add_data_dir(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("defend", help="apply a defense to a run and report before/after")
     p.add_argument("method", choices=sorted(DEFENSES))
     p.add_argument("run_dir")
-    p.add_argument("--clean-per-class", type=int, default=2,
+    p.add_argument("--clean-per-class", type=_POSITIVE_INT, default=2,
                    help="clean images per class drawn from the test split (held out of evaluation)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_NON_NEGATIVE_INT, default=0)
     p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a config field")
-    p.add_argument("--eval-limit", type=int, default=None)
+    p.add_argument("--eval-limit", type=_COUNT, default=None, help="evaluate on a stratified subset of N held-out images")
     p.add_argument("--out", default=None, help="write the repaired model as a new run directory")
+    p.add_argument("--overwrite", action="store_true", help="replace the run --out holds (even the input run)")
     p.add_argument("--json", action="store_true")
     _add_data_dir(p)
     p.set_defaults(func=cmd_defend)
@@ -237,21 +304,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="plant a backdoor in a small model on real GTSRB and defend it")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--method", choices=sorted(DEFENSES), default="ft")
-    p.add_argument("--clean-per-class", type=int, default=5)
+    p.add_argument("--clean-per-class", type=_POSITIVE_INT, default=5)
     p.add_argument("--reuse", action="store_true", help="reuse the trained model in --out if present")
     _add_data_dir(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("data", help="work with the data folder")
+    data_sub = p.add_subparsers(dest="data_command", metavar="{verify}", required=True)
+    p = data_sub.add_parser("verify", help="check the data files against known checksums (and a SHA256SUMS file)")
+    p.add_argument("--sums", default=None,
+                   help="a sha256sum-format file of paths relative to the data folder (default: its SHA256SUMS)")
+    _add_data_dir(p)
+    p.set_defaults(func=cmd_data_verify)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from bdjax.checkpoint import CheckpointError
-    from bdjax.data.locations import DataNotFoundError
+    command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
     try:
         return args.func(args)
-    except (CheckpointError, DataNotFoundError, ValueError, TypeError, FloatingPointError) as err:
-        print(f"bdjax {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, TypeError, FloatingPointError, OSError) as err:
+        # CheckpointError, DataFileError, ChecksumError are ValueErrors; DataNotFoundError and a
+        # missing file or an existing one in the way of --out are OSErrors.
+        print(f"bdjax {command}: error: {err}", file=sys.stderr)
         return 2
 
 

@@ -13,14 +13,19 @@ import numpy as np
 from bdjax import metrics, sharding
 from bdjax.attacks.base import Attack, TargetMap, poison_test_set
 from bdjax.data.dataset import Dataset
-from bdjax.models.inference import padded_batches, predict
+from bdjax.models.inference import check_finite_variables, padded_batches, predict
 
 # A defended classifier: uint8 images [N, H, W, C] -> (predictions int[N], rejected bool[N]).
 Classifier = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 def model_classifier(module, variables, batch_size: int = 500) -> Classifier:
-    """The plain model as a classifier that never rejects."""
+    """The plain model as a classifier that never rejects.
+
+    Refuses variables holding NaN or inf (a diverged training or repair): such a model predicts
+    one class for everything, which would read as a removed backdoor."""
+    check_finite_variables(variables)
+
     def classify(images):
         pred = predict(module, variables, images, batch_size)
         return pred, np.zeros(pred.shape, bool)

@@ -9,6 +9,7 @@ The CLI, the experiments and the tests all call these two functions.
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 import time
 from pathlib import Path
@@ -20,8 +21,9 @@ from bdjax import attacks as attacks_lib
 from bdjax import checkpoint, defenses, models, recipes
 from bdjax.attacks.base import TargetMap, poison_training_set
 from bdjax.data import clean_defense_split, load, stratified_subset
-from bdjax.data.dataset import Dataset
+from bdjax.data.dataset import INFOS, Dataset
 from bdjax.evaluation import Report, TestSets, evaluate, evaluate_model, model_classifier
+from bdjax.models.inference import check_finite_variables
 from bdjax.training import TrainConfig, train, train_many, unstack_models
 
 
@@ -55,7 +57,31 @@ class RunSpec:
     model_seed: int | None = None
 
     def __post_init__(self):
-        recipes.get(self.recipe)  # an unknown name fails here, not after loading the data
+        # Everything that can be wrong fails here, naming the field, not after loading the data.
+        recipes.get(self.recipe)
+        if self.dataset not in INFOS:
+            raise ValueError(f"unknown dataset {self.dataset!r}; known: {', '.join(sorted(INFOS))}")
+        if self.model not in models.MODEL_NAMES:
+            raise ValueError(f"unknown model {self.model!r}; known: {', '.join(models.MODEL_NAMES)}")
+        if not isinstance(self.attack_args, dict):
+            raise TypeError(f"attack_args must be a dict, got {type(self.attack_args).__name__}")
+        if self.attack == "none":
+            if self.attack_args:
+                raise ValueError(f"attack_args {self.attack_args} given for attack 'none' (a clean model)")
+        else:
+            attacks_lib.base.check_args(self.attack, self.attack_args)
+            TargetMap(self.target_mode, self.target, INFOS[self.dataset].num_classes)
+            if attacks_lib.ATTACKS[self.attack].clean_label and self.target_mode != "all_to_one":
+                raise ValueError(f"{self.attack} is clean-label and supports all_to_one targets only")
+        _check_number("poison_rate", self.poison_rate, float, low=0.0, high=1.0)
+        _check_number("seed", self.seed, int, low=0)
+        for name, kind, low in (("epochs", int, 1), ("batch_size", int, 1), ("learning_rate", float, 0.0),
+                                ("crop_padding", int, 0), ("train_subset", int, 1), ("eval_limit", int, 1),
+                                ("model_seed", int, 0)):
+            if getattr(self, name) is not None:
+                _check_number(name, getattr(self, name), kind, low=low, above=name == "learning_rate")
+        if self.optimizer not in (None, "adam", "sgd"):
+            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
 
     @classmethod
     def from_record(cls, spec: dict) -> "RunSpec":
@@ -76,6 +102,18 @@ class RunSpec:
     def train_config(self) -> TrainConfig:
         return recipes.get(self.recipe).train_config(
             self.dataset, **{name: getattr(self, name) for name in TRAINING_FIELDS})
+
+
+def _check_number(name: str, value, kind, *, low=None, high=None, above: bool = False):
+    """Raise unless ``value`` is a finite ``kind`` (int accepted for float) within [low, high]
+    (> low with ``above``); the message names the field and, for counts, says 0 is not "all"."""
+    kinds = (int,) if kind is int else (int, float)
+    if not isinstance(value, kinds) or isinstance(value, bool) or (kind is float and not math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite {'whole number' if kind is int else 'number'}, got {value!r}")
+    if (low is not None and (value <= low if above else value < low)) or (high is not None and value > high):
+        bounds = f"> {low}" if above else f"in [{low}, {high}]" if high is not None else f">= {low}"
+        hint = " (None, not 0, means all)" if name in ("train_subset", "eval_limit") else ""
+        raise ValueError(f"{name} must be {bounds}, got {value!r}{hint}")
 
 
 def make_attack(spec: RunSpec, info) -> tuple[attacks_lib.Attack | None, TargetMap | None]:
@@ -207,25 +245,46 @@ class DefenseOutcome:
 def split_for_defense(run: checkpoint.Run, clean_per_class: int, seed: int, data_dir=None,
                       eval_limit: int | None = None) -> tuple[Dataset, TestSets]:
     """The defender's clean set (k per class from the test split) and the evaluation sets (the rest)."""
+    if eval_limit is not None:
+        _check_number("eval_limit", eval_limit, int, low=1)
     test_set = load(run.dataset, "test", data_dir)
     defense_set, eval_set = clean_defense_split(test_set, clean_per_class, seed)
-    if eval_limit:
+    if eval_limit is not None:
         eval_set = stratified_subset(eval_set, eval_limit, seed + 1)
     return defense_set, TestSets.build(eval_set, run.attack, run.target)
 
 
+def _check_defense_output(out: Path, run: checkpoint.Run, overwrite: bool):
+    """Refuse to replace an existing run (or anything else) at ``out`` unless asked to."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    if overwrite or not out.is_dir() or not any(out.iterdir()):
+        return
+    own = run.path is not None and out.resolve() == Path(run.path).resolve()
+    what = ("the run being defended" if own else "a run" if (out / checkpoint.RECORD_FILE).exists()
+            else "files")
+    raise ValueError(f"--out {out} already holds {what}; pass --overwrite (overwrite=True) to replace it")
+
+
 def defend_run(run: checkpoint.Run, method: str, *, clean_per_class: int = 2, seed: int = 0,
                overrides: dict | None = None, data_dir=None, eval_limit: int | None = None,
-               out=None) -> DefenseOutcome:
-    """Apply defense ``method`` to ``run`` and measure it; optionally save the repaired run."""
+               out=None, overwrite: bool = False) -> DefenseOutcome:
+    """Apply defense ``method`` to ``run`` and measure it; optionally save the repaired run.
+
+    ``out``: a new run directory for the repaired model; one that exists and is not empty
+    (the defended run's own directory included) is replaced only with ``overwrite``.
+    """
     spec = defenses.get(method)
     config = defenses.make_config(spec.config_cls, overrides or {})
+    if out is not None:
+        _check_defense_output(Path(out), run, overwrite)
     defense_set, sets = split_for_defense(run, clean_per_class, seed, data_dir, eval_limit)
     before = evaluate_model(run.module, run.variables, sets)
     started = time.perf_counter()
     result = spec.fn(run.module, run.variables, defense_set, jax.random.key(seed), config)
     jax.block_until_ready(result.variables)
     seconds = time.perf_counter() - started
+    check_finite_variables(result.variables, f"the variables {method} returned")
     classifier = result.classifier or model_classifier(run.module, result.variables)
     after = evaluate(classifier, sets, detector=spec.detector)
     outcome = DefenseOutcome(method, before, after, seconds, result, len(defense_set), len(sets.clean))

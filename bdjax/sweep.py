@@ -27,6 +27,7 @@ import hashlib
 import importlib.util
 import itertools
 import json
+import re
 import time
 from pathlib import Path
 
@@ -50,6 +51,17 @@ class Grid:
     fixed: dict[str, list] = dataclasses.field(default_factory=dict)
     values: dict[str, list] = dataclasses.field(default_factory=dict)
 
+    def __post_init__(self):
+        for axes in ("fixed", "values"):
+            grid = getattr(self, axes)
+            if not isinstance(grid, dict):
+                raise TypeError(f"Grid({self.defense!r}).{axes} must be a dict of field -> list of values, "
+                                f"got {type(grid).__name__}")
+            for name, options in grid.items():
+                if not isinstance(options, (list, tuple)) or len(options) == 0:
+                    raise ValueError(f"Grid({self.defense!r}).{axes}[{name!r}] must be a non-empty list of "
+                                     f"values, got {options!r}")
+
 
 @dataclasses.dataclass(frozen=True)
 class SweepConfig:
@@ -60,6 +72,24 @@ class SweepConfig:
     clean_seeds: tuple[int, ...] = (0,)  # clean-set draws: one cell each (the set's size may differ)
     eval_limit: int | None = None  # stratified subset of the evaluation images
     seed: int = 0  # base PRNG key of every defense
+
+    def __post_init__(self):
+        # The name is a folder under the records folder (runs/sweeps/NAME): a plain name only.
+        if not isinstance(self.name, str) or not _PLAIN_NAME.fullmatch(self.name) or self.name in (".", ".."):
+            raise ValueError(f"sweep name must be a plain folder name (letters, digits, '.', '_', '-'), "
+                             f"got {self.name!r}")
+        if not self.grids or not all(isinstance(g, Grid) for g in self.grids):
+            raise ValueError(f"sweep {self.name!r}: grids must be a non-empty tuple of Grid")
+        if isinstance(self.runs, str) or not self.runs:
+            raise ValueError(f"sweep {self.name!r}: runs must be a non-empty tuple of run directories")
+        if not isinstance(self.clean_per_class, int) or self.clean_per_class < 1:
+            raise ValueError(f"sweep {self.name!r}: clean_per_class must be a positive int, got {self.clean_per_class!r}")
+        if self.eval_limit is not None and (not isinstance(self.eval_limit, int) or self.eval_limit < 1):
+            raise ValueError(f"sweep {self.name!r}: eval_limit must be a positive int or None (all), "
+                             f"got {self.eval_limit!r}")
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,9 +118,15 @@ class Cell:
 def cells(config: SweepConfig) -> list[Cell]:
     """Every cell of the sweep, in a stable order (runs, then grids, then fixed combinations)."""
     out = []
+    for grid in config.grids:  # unknown defenses and fields fail before anything runs
+        spec = defenses.get(grid.defense)
+        fields = {f.name for f in dataclasses.fields(spec.config_cls)}
+        unknown = sorted((set(grid.fixed) | set(grid.values)) - fields - {"seed"})
+        if unknown or "seed" in grid.fixed:
+            raise ValueError(f"Grid({grid.defense!r}): {spec.config_cls.__name__} has no field(s) "
+                             f"{unknown or ['seed']} (seed is a values axis only); fields: {', '.join(sorted(fields))}")
     for run in config.runs:
         for grid in config.grids:
-            defenses.get(grid.defense)  # unknown names fail before anything runs
             names = sorted(grid.fixed)
             for combo in itertools.product(*(grid.fixed[n] for n in names)):
                 for clean_seed in config.clean_seeds:
@@ -104,11 +140,19 @@ def load_config(path, variant: str = "local") -> SweepConfig:
     if not path.is_file():
         raise FileNotFoundError(f"sweep config {path} does not exist")
     spec = importlib.util.spec_from_file_location(f"bdjax_sweep_config_{path.stem}", path)
+    if spec is None or path.suffix != ".py":
+        raise ValueError(f"sweep config {path} must be a Python file (.py)")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:
+        raise ValueError(f"sweep config {path} fails to run: {type(err).__name__}: {err}") from err
     if not hasattr(module, "get_config"):
         raise ValueError(f"{path} has no get_config(variant) function")
-    config = module.get_config(variant)
+    try:
+        config = module.get_config(variant)
+    except (TypeError, ValueError, KeyError) as err:
+        raise ValueError(f"{path}: get_config({variant!r}) failed: {type(err).__name__}: {err}") from err
     if not isinstance(config, SweepConfig):
         raise TypeError(f"{path}: get_config must return a bdjax.sweep.SweepConfig, got {type(config).__name__}")
     runs = tuple(str(r) if Path(r).is_absolute() else str((path.parent / r).resolve()) for r in config.runs)
@@ -138,29 +182,49 @@ def run_cell(cell: Cell, sweep: SweepConfig, *, data_dir=None, mesh=None, vector
     settings = cell.settings
     batched = defenses.BATCHED.get(cell.defense)
     started = time.perf_counter()
-    if vectorise and batched is not None and set(cell.values) <= batched.axes and not spec.detector:
+    # Without value axes a cell is one setting: nothing to vmap.
+    if vectorise and batched is not None and cell.values and set(cell.values) <= batched.axes and not spec.detector:
         mode, n = "vmapped", len(settings)
         padded = sharding.padded_size(n, mesh)
         values = sharding.pad_leading({k: np.asarray([s[k] for s in settings]) for k in cell.values}, padded)
         stacked = batched.fn(run.module, run.variables, clean, key, config, values, mesh)
         jax.block_until_ready(stacked)
         seconds = time.perf_counter() - started
-        after = evaluate_stacked(run.module, stacked, sets, mesh)[:n]
+        finite = _finite_per_model(stacked)[:n]
+        after = [r.to_dict() if ok else dict(DIVERGED)
+                 for r, ok in zip(evaluate_stacked(run.module, stacked, sets, mesh)[:n], finite)]
     else:
         mode = "sequential"
         outputs, classifiers = _sequential(run, cell, clean, key, config)
         jax.block_until_ready(outputs)
         seconds = time.perf_counter() - started
-        after = [evaluate(c or model_classifier(run.module, v), sets, detector=spec.detector)
-                 for v, c in zip(outputs, classifiers)]
+        after = [evaluate(c or model_classifier(run.module, v), sets, detector=spec.detector).to_dict()
+                 if _finite_per_model(v, stacked=False).all() else dict(DIVERGED) for v, c in zip(outputs, classifiers)]
     before = evaluate_model(run.module, run.variables, sets)
     return {
         "cell": cell.id, **cell.describe(), "settings": settings, "mode": mode,
         "devices": 1 if mesh is None else mesh.size, "backend": jax.default_backend(),
         "model": run.record["model"], "dataset": run.dataset, "attack": run.record.get("spec", {}).get("attack"),
         "defense_size": len(clean), "eval_size": len(sets.clean), "seconds": seconds,
-        "before": before.to_dict(), "after": [r.to_dict() for r in after],
+        "before": before.to_dict(), "after": after,
     }
+
+
+# The "after" of a setting whose repaired weights hold NaN or inf: no numbers, not those of a
+# model that predicts one class for everything.
+DIVERGED = {"acc": None, "asr": None, "sia": None, "diverged": True}
+
+
+def _finite_per_model(variables, stacked: bool = True) -> np.ndarray:
+    """bool[M]: which of M stacked models (or bool[1] for one model) has only finite weights."""
+    flags = None
+    for leaf in jax.tree_util.tree_leaves(variables):
+        leaf = np.asarray(leaf)
+        if not np.issubdtype(leaf.dtype, np.inexact):
+            continue
+        ok = np.isfinite(leaf.reshape(leaf.shape[0] if stacked else 1, -1)).all(axis=1)
+        flags = ok if flags is None else flags & ok
+    return np.ones(1, bool) if flags is None else flags
 
 
 def record_path(out_dir, cell: Cell) -> Path:
@@ -175,25 +239,53 @@ def run_sweep(sweep: SweepConfig, out_dir, *, data_dir=None, mesh=None, vectoris
     for i, cell in enumerate(todo):
         path = record_path(out_dir, cell)
         if path.is_file():
-            record = json.loads(path.read_text())
-            if record.get("cell") == cell.id:
-                log(f"[{i + 1}/{len(todo)}] skip {cell.id} (done)")
-                records.append(record)
-                continue
+            try:
+                record = read_record(path)
+            except ValueError as err:
+                log(f"[{i + 1}/{len(todo)}] {err}; running the cell again")
+            else:
+                if record.get("cell") == cell.id:
+                    log(f"[{i + 1}/{len(todo)}] skip {cell.id} (done)")
+                    records.append(record)
+                    continue
         log(f"[{i + 1}/{len(todo)}] {cell.id}: {cell.defense} {cell.fixed} × {len(cell.settings)} settings")
         record = run_cell(cell, sweep, data_dir=data_dir, mesh=mesh, vectorise=vectorise)
         if jax.process_index() == 0:
-            checkpoint.atomic_write(path, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
+            checkpoint.atomic_write(path, (json.dumps(_strict(record), indent=1, sort_keys=True, allow_nan=False)
+                                           + "\n").encode())
         log(f"    {record['mode']} on {record['devices']} device(s): {record['seconds']:.1f} s")
         records.append(record)
     return records
 
 
+def read_record(path) -> dict:
+    """One cell record; ValueError naming the file when it is truncated or not a record."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"cell record {path} is unreadable (truncated? {err})") from None
+    if not isinstance(record, dict) or not {"cell", "settings", "after", "before"} <= set(record):
+        raise ValueError(f"cell record {path} is not a bdjax sweep cell record")
+    return record
+
+
+def _strict(value):
+    """NaN / inf (a clean model's ASR) as null: the records are strict JSON."""
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
 def load_records(out_dir) -> list[dict]:
+    """Every cell record under ``out_dir``; ValueError naming an unreadable one (rerun the sweep)."""
     folder = Path(out_dir) / "cells"
     if not folder.is_dir():
         raise FileNotFoundError(f"{out_dir} holds no sweep records (no cells/ folder)")
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    return [read_record(p) for p in sorted(folder.glob("*.json"))]
 
 
 def _fmt(x) -> str:

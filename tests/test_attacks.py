@@ -388,3 +388,46 @@ def test_poison_test_set_excludes_target_class_images_and_keeps_true_labels():
     everyone, targets = poison_test_set(dataset, attack, TargetMap("all_to_all", num_classes=4))
     assert len(everyone) == 40
     np.testing.assert_array_equal(targets, (everyone.labels + 1) % 4)
+
+
+# --------------------------------------------------------------------------- inputs at the boundary (issue 33)
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_apply_refuses_pixels_outside_0_1_and_non_finite_ones(name):
+    attack = make(name, KEY, SHAPE, **SETTINGS[name])
+    key = jax.random.key(1) if attack.stochastic else None
+    images = float_images(2)
+    with pytest.raises(ValueError, match=r"in \[0, 1\], got values in .*0\.\.255 scale"):
+        attack.apply(images * 255.0, key)
+    with pytest.raises(ValueError, match=r"normalised to \[-1, 1\]"):
+        attack.apply(images * 2.0 - 1.0, key)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        attack.apply(images.at[0, 0, 0, 0].set(jnp.inf), key)
+
+
+def test_a_target_map_needs_the_dataset_class_count():
+    with pytest.raises(TypeError, match="needs num_classes"):
+        TargetMap("all_to_all")
+    ten_classes = TargetMap("all_to_all", num_classes=10)
+    dataset = synthetic_dataset()  # 4 classes
+    with pytest.raises(ValueError, match="maps labels of 10 classes but the dataset synthetic has 4"):
+        poison_training_set(dataset, make("badnets", KEY, SHAPE), ten_classes, KEY, rate=0.1)
+    with pytest.raises(ValueError, match="maps labels of 10 classes"):
+        poison_test_set(dataset, make("badnets", KEY, SHAPE), ten_classes)
+    with pytest.raises(TypeError, match="target must be an int"):
+        TargetMap("all_to_one", 1.5, 4)
+
+
+def test_all_to_all_on_gtsrb_keeps_labels_in_its_43_classes():
+    from bdjax.data import GTSRB
+    from bdjax.runs import RunSpec, make_attack
+
+    _, target = make_attack(RunSpec(dataset="gtsrb", target_mode="all_to_all"), GTSRB)
+    np.testing.assert_array_equal(target(np.array([9, 10, 41, 42])), [10, 11, 42, 0])
+
+
+def test_attack_arguments_are_checked_by_name_and_type():
+    with pytest.raises(ValueError, match=r"badnets argument size must be int, got 'abc'"):
+        make("badnets", KEY, SHAPE, size="abc")
+    with pytest.raises(ValueError, match=r"has no argument\(s\) \['sise'\]"):
+        make("badnets", KEY, SHAPE, sise=3)
+    assert make("badnets", KEY, SHAPE, color=[1.0, 0.0, 0.0]).pattern.shape == (32, 32, 3)

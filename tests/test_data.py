@@ -7,6 +7,7 @@ are skipped when they are absent.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import http.server
@@ -103,7 +104,7 @@ def labelled(labels, num_classes=10):
     """A Dataset of 1x1 images whose pixel value is the image's index (to track identity)."""
     labels = np.asarray(labels)
     images = (np.arange(labels.size) % 256).astype(np.uint8).reshape(-1, 1, 1, 1).repeat(3, -1)
-    info = CIFAR10 if num_classes == 10 else GTSRB
+    info = dataclasses.replace(CIFAR10 if num_classes == 10 else GTSRB, image_shape=(1, 1, 3))
     return Dataset(images, labels, info)
 
 
@@ -257,6 +258,99 @@ def test_gtsrb_compact_file(tmp_path):
     assert tracks.dtype == np.int32 and tracks.tolist() == [0, 1, 0, 0]
     np.testing.assert_array_equal(data.load("gtsrb", "test", data_dir=tmp_path).labels, [5, 6])
 
+
+# --- untrusted files: no code runs, no path escapes, bad files are named (issue 33) -----
+
+class _RunsCode:
+    """Unpickling this calls os.system: what a crafted file in a data folder could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_crafted_cifar_pickle_runs_no_code(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar_pickles(folder, "cifar10", {"train": 2, "test": 2})
+    marker = tmp_path / "code-ran"
+    batch = {"data": cifar.nhwc_to_rows(random_images(np.random.default_rng(0), 2)), "labels": [0, 1],
+             "batch_label": _RunsCode(marker)}
+    (folder / "test_batch").write_bytes(pickle.dumps(batch, protocol=2))
+    with pytest.raises(data.DataFileError, match=r"test_batch: .*refusing to load (posix|nt)\.system"):
+        data.load("cifar10", "test", data_dir=tmp_path)
+    assert not marker.exists()
+    assert len(data.load("cifar10", "train", data_dir=tmp_path)) == 10  # honest pickles still load
+
+
+def test_gtsrb_csv_entries_outside_the_folder_are_refused(tmp_path):
+    write_gtsrb_folders(tmp_path / "data")
+    Image.fromarray(random_images(np.random.default_rng(0), 1)[0]).save(tmp_path / "secret.ppm")
+    csv_path = tmp_path / "data" / "GT-final_test.csv"
+    csv_path.write_text(gt_csv([("../../../secret.ppm", 32, 32, 0)]))
+    with pytest.raises(data.DataFileError, match=r"GT-final_test.csv: entry '../../../secret.ppm' is not a plain"):
+        data.load("gtsrb", "test", data_dir=tmp_path / "data")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bit-flipped", "pickled objects", "not an npz"])
+def test_a_damaged_compact_file_is_named_with_a_pointer_to_data_verify(tmp_path, damage):
+    path = tmp_path / gtsrb.GTSRB_NPZ_FILE
+    path.parent.mkdir()
+    rng = np.random.default_rng(0)
+    np.savez_compressed(path, x_test=random_images(rng, 20), y_test=np.zeros(20, np.uint8))
+    payload = bytearray(path.read_bytes())
+    if damage == "truncated":
+        payload = payload[: len(payload) // 2]
+    elif damage == "bit-flipped":  # inside x_test's compressed bytes: the zip CRC catches it
+        payload[len(payload) // 2] ^= 0xFF
+    elif damage == "not an npz":
+        payload = b"<html>404</html>"
+    else:
+        buffer = io.BytesIO()
+        np.savez(buffer, x_test=np.array([object()] * 2), y_test=np.zeros(2, np.uint8))
+        payload = buffer.getvalue()
+    path.write_bytes(bytes(payload))
+    with pytest.raises(data.DataFileError, match=r"gtsrb32.npz: .*bdjax data verify"):
+        data.load("gtsrb", "test", data_dir=tmp_path)
+
+
+def test_damaged_pickles_images_and_jpegs_are_named(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar_pickles(folder, "cifar10", {"train": 2, "test": 2})
+    (folder / "test_batch").write_bytes((folder / "test_batch").read_bytes()[:100])
+    with pytest.raises(data.DataFileError, match="test_batch: not a readable pickle"):
+        data.load("cifar10", "test", data_dir=tmp_path)
+
+    write_gtsrb_folders(tmp_path / "g")
+    (tmp_path / "g" / gtsrb.TEST_IMAGES / "00003.ppm").write_bytes(b"P6\n32 32\n255\n" + b"\0" * 10)
+    with pytest.raises(data.DataFileError, match="00003.ppm: not a readable image"):
+        data.load("gtsrb", "test", data_dir=tmp_path / "g")
+
+    path = tmp_path / "c" / cifar.CIFAR10_JPEG_FILE
+    path.parent.mkdir(parents=True)
+    np.savez(path, jpeg_test=np.frombuffer(b"not a jpeg at all", np.uint8), offsets_test=np.array([0, 17]),
+             y_test=np.array([3], np.uint8))
+    with pytest.raises(data.DataFileError, match="cifar10_jpeg75.npz: test split: JPEG 0 cannot be decoded"):
+        data.load("cifar10", "test", data_dir=tmp_path / "c")
+
+
+def test_labels_outside_the_dataset_name_the_file(tmp_path):
+    path = tmp_path / gtsrb.GTSRB_NPZ_FILE
+    path.parent.mkdir()
+    np.savez(path, x_test=random_images(np.random.default_rng(0), 2), y_test=np.array([0, 43], np.uint8))
+    with pytest.raises(data.DataFileError, match=r"gtsrb32.npz: labels must lie in \[0, 43\)"):
+        data.load("gtsrb", "test", data_dir=tmp_path)
+
+
+def test_a_dataset_refuses_images_of_another_size_channels_or_dtype():
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="images are 28x28x3 .* but gtsrb images are 32x32x3"):
+        Dataset(random_images(rng, 2, 28, 28), np.zeros(2, np.int32), GTSRB)
+    with pytest.raises(ValueError, match="images are 32x32x1"):
+        Dataset(random_images(rng, 2)[..., :1], np.zeros(2, np.int32), GTSRB)
+    with pytest.raises(TypeError, match="must be uint8 .*got float32 .*to_uint8"):
+        Dataset(random_images(rng, 2).astype(np.float32), np.zeros(2, np.int32), GTSRB)
 
 # --- TFDS (optional extra) -------------------------------------------------------------
 

@@ -178,3 +178,12 @@ def test_all_to_all_test_set_keeps_every_image_and_shifts_its_label(info, random
 def test_an_empty_evaluation_set_is_an_error(info, random_dataset):
     with pytest.raises(ValueError, match="empty"):
         EvalSets.build(random_dataset.subset(np.zeros(0, np.int64)), None, None)
+
+
+def test_a_model_with_non_finite_weights_is_not_evaluated(tiny_model, random_dataset):
+    module, variables = tiny_model("small")
+    diverged = jax.tree_util.tree_map(lambda x: x * np.float32(np.nan), variables)
+    with pytest.raises(FloatingPointError, match="NaN or inf values .*diverged"):
+        model_classifier(module, diverged)
+    with pytest.raises(FloatingPointError):
+        evaluate_model(module, diverged, EvalSets.build(random_dataset, None, None))

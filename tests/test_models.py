@@ -170,3 +170,31 @@ def test_batched_logits_and_predict_equal_a_direct_apply(tiny_model, uint8_image
 def test_predict_on_no_images_returns_no_predictions(tiny_model):
     module, variables = tiny_model("small")
     assert predict(module, variables, np.zeros((0, *IMAGE_SHAPE), np.uint8)).shape == (0,)
+
+
+# --------------------------------------------------------------------------- inputs at the boundary (issue 33)
+@pytest.mark.parametrize("bad, message", [
+    (lambda x: to_float(x) * 255.0, r"images must be float pixels in \[0, 1\], got values in \[0, 255\].*0\.\.255"),
+    (lambda x: to_float(x) * 2.0 - 1.0, r"got values in \[-1, 1\].*\[-1, 1\]"),
+    (lambda x: np.where(np.arange(x.size).reshape(x.shape) == 7, np.nan, to_float(x)).astype(np.float32),
+     "images hold NaN or infinite values"),
+    (lambda x: x[..., :1], r"images are 32x32x1 \(H x W x C\) per image but the model takes 32x32x3"),
+    (lambda x: x[:, :28, :28], "images are 28x28x3"),
+    (lambda x: x.astype(np.int64), "must be uint8 stored pixels or floats"),
+])
+def test_predict_refuses_inputs_it_would_classify_silently_wrong(tiny_model, uint8_images, bad, message):
+    module, variables = tiny_model("resnet20")  # global pooling: any size would run
+    with pytest.raises((ValueError, TypeError), match=message):
+        predict(module, variables, bad(uint8_images))
+    # Floats in [0, 1] stay valid inputs and give the uint8 predictions.
+    np.testing.assert_array_equal(predict(module, variables, to_float(uint8_images)),
+                                  predict(module, variables, uint8_images))
+
+
+def test_a_model_refuses_grey_or_resized_images_even_inside_jit(tiny_model, images):
+    module, variables = tiny_model("resnet20")
+    apply = jax.jit(lambda x: module.apply(variables, x, train=False))
+    with pytest.raises(ValueError, match="images are 32x32x1 .* this model takes 32x32x3"):
+        apply(images[..., :1])
+    with pytest.raises(ValueError, match="images are 40x40x3"):
+        apply(jnp.zeros((2, 40, 40, 3)))

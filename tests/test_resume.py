@@ -63,3 +63,12 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(data_dir, tmp_path):
     done = subprocess.run(_bdjax([*TRAIN, "--out", str(whole), "--resume"], data_dir), capture_output=True, text=True)
     assert done.returncode == 0 and "already trained" in done.stderr
     assert os.path.getsize(whole / "variables.npz") > 0
+
+
+def test_loading_an_unfinished_run_says_how_to_continue_it(tmp_path):
+    from bdjax import checkpoint
+
+    (tmp_path / "training").mkdir()
+    (tmp_path / "training" / "state.json").write_text("{}")
+    with pytest.raises(checkpoint.CheckpointError, match="unfinished training run.*--resume"):
+        checkpoint.load(tmp_path)

@@ -185,3 +185,66 @@ def test_sweep_writes_one_record_per_cell_and_resumes(gtsrb_badnets_dir, data_di
     assert ran == [lost] and files[0].is_file()
     assert [r["after"] for r in again] == [r["after"] for r in records]
     assert "| clp |" in sweep.results_table(sweep.load_records(tmp_path))
+
+
+# --------------------------------------------------------------------------- bad configs and records (issue 33)
+def test_a_grid_without_values_runs_its_one_setting(tiny_model, clean_set, monkeypatch):
+    from bdjax import checkpoint
+    from bdjax.evaluation import TestSets
+
+    module, variables = tiny_model("small-bn")
+    run = checkpoint.Run(module, variables, {"model": "small-bn", "dataset": "synthetic"}, None, None)
+    monkeypatch.setattr(sweep.checkpoint, "load", lambda path: run)
+    monkeypatch.setattr(sweep, "split_for_defense", lambda *a: (clean_set, TestSets.build(clean_set, None, None)))
+    config = sweep.SweepConfig(name="t", runs=("r",), grids=(sweep.Grid("clp"),))
+    record = sweep.run_cell(sweep.cells(config)[0], config)
+    assert record["settings"] == [{}] and record["mode"] == "sequential" and len(record["after"]) == 1
+
+
+def test_grids_names_and_fields_are_checked_before_anything_runs():
+    with pytest.raises(ValueError, match=r"Grid\('ft'\).values\['seed'\] must be a non-empty list"):
+        sweep.Grid("ft", values={"seed": []})
+    with pytest.raises(ValueError, match=r"Grid\('ft'\).fixed\['epochs'\] must be a non-empty list"):
+        sweep.Grid("ft", fixed={"epochs": 5})
+    with pytest.raises(ValueError, match=r"FinetuneConfig has no field\(s\) \['epoch'\]"):
+        sweep.cells(sweep.SweepConfig(name="t", runs=("a",), grids=(sweep.Grid("ft", fixed={"epoch": [1]}),)))
+    for name in ("../../outside", "a/b", "", ".."):
+        with pytest.raises(ValueError, match="plain folder name"):
+            sweep.SweepConfig(name=name, runs=("a",), grids=(sweep.Grid("clp"),))
+
+
+def test_a_truncated_cell_record_is_reported_by_name_and_run_again(tmp_path, monkeypatch):
+    config = sweep.SweepConfig(name="t", runs=("a",), grids=(sweep.Grid("clp", values={"u": [1.0, 2.0]}),
+                                                             sweep.Grid("suspicion")))
+    ran = []
+
+    def fake_run_cell(cell, *args, **kwargs):
+        ran.append(cell.id)
+        return {"cell": cell.id, **cell.describe(), "settings": cell.settings, "mode": "sequential",
+                "devices": 1, "seconds": 0.0, "before": {"acc": 0.5, "asr": float("nan"), "sia": float("nan")},
+                "after": [{"acc": 0.5, "asr": float("nan"), "sia": float("nan")}] * len(cell.settings)}
+
+    monkeypatch.setattr(sweep, "run_cell", fake_run_cell)
+    sweep.run_sweep(config, tmp_path, log=lambda *_: None)
+    files = sorted((tmp_path / "cells").glob("*.json"))
+    assert "NaN" not in files[0].read_text()  # strict JSON: a missing rate is null
+    files[0].write_text(files[0].read_text()[:40])
+    with pytest.raises(ValueError, match=f"cell record {files[0]} is unreadable"):
+        sweep.load_records(tmp_path)
+    ran.clear()
+    logged = []
+    sweep.run_sweep(config, tmp_path, log=logged.append)
+    assert ran == [json.loads(files[0].read_text())["cell"]]
+    assert any(str(files[0]) in line and "running the cell again" in line for line in logged)
+    assert "| clp |" in sweep.results_table(sweep.load_records(tmp_path))
+
+
+def test_a_diverged_setting_is_recorded_without_numbers(tiny_model):
+    _, variables = tiny_model("small-bn")
+    stacked = defenses.base.tile(variables, 3)
+    stacked = jax.tree_util.tree_map(lambda x: x.at[1].set(np.nan) if x.dtype.kind == "f" else x, stacked)
+    np.testing.assert_array_equal(sweep._finite_per_model(stacked), [True, False, True])
+    record = {"run": "r", "defense": "ft", "fixed": {}, "settings": [{"learning_rate": 9.0}], "seconds": 0.0,
+              "mode": "sequential", "devices": 1, "before": {"acc": 0.5, "asr": 0.9, "sia": 0.1},
+              "after": [sweep.DIVERGED]}
+    assert "| – | – | – |" in sweep.results_table([record])

@@ -9,13 +9,16 @@ metrics can apply the very same trigger later.
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import typing
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bdjax.data.dataset import Dataset, to_float, to_uint8
+from bdjax import typecheck
+from bdjax.data.dataset import Dataset, check_pixel_range, to_float, to_uint8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,18 +27,38 @@ class TargetMap:
 
     ``all_to_one``: every triggered input goes to ``target``.
     ``all_to_all``: an input of class c goes to (c + shift) mod C (shift 1 in the papers).
+    ``num_classes``: C, the dataset's class count (``dataset.info.num_classes``); required,
+    since a wrong C silently wraps all-to-all labels into the wrong range.
     """
 
     mode: str = "all_to_one"
     target: int = 0
-    num_classes: int = 10
+    num_classes: int | None = None
     shift: int = 1
 
     def __post_init__(self):
         if self.mode not in ("all_to_one", "all_to_all"):
             raise ValueError(f"target mode must be 'all_to_one' or 'all_to_all', got {self.mode!r}")
+        if self.num_classes is None:
+            raise TypeError("TargetMap needs num_classes, the dataset's class count: "
+                            "TargetMap(mode, target, dataset.info.num_classes)")
+        for name in ("target", "num_classes", "shift"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+                raise TypeError(f"TargetMap {name} must be an int, got {value!r}")
+        if self.num_classes < 2:
+            raise ValueError(f"TargetMap num_classes must be at least 2, got {self.num_classes}")
         if self.mode == "all_to_one" and not 0 <= self.target < self.num_classes:
             raise ValueError(f"target {self.target} outside [0, {self.num_classes})")
+        if self.mode == "all_to_all" and not 0 < self.shift < self.num_classes:
+            raise ValueError(f"all-to-all shift must be in [1, {self.num_classes}), got {self.shift}")
+
+    def check_dataset(self, dataset: Dataset, what: str = "target"):
+        """Raise unless this map was built for ``dataset``'s class count."""
+        if self.num_classes != dataset.info.num_classes:
+            raise ValueError(f"{what} maps labels of {self.num_classes} classes but the dataset "
+                             f"{dataset.info.name} has {dataset.info.num_classes}; build it with "
+                             f"TargetMap(mode, target, dataset.info.num_classes)")
 
     def __call__(self, labels):
         labels = np.asarray(labels) if not isinstance(labels, jax.Array) else labels
@@ -100,10 +123,11 @@ def _apply_jitted(attack: Attack, images, key):
 
 
 def check_images(images, what: str = "images", image_shape=None):
-    """Raise a clear error unless images are float[N, H, W, C] (or [H, W, C]).
+    """Raise a clear error unless images are float[N, H, W, C] (or [H, W, C]) in [0, 1].
 
     ``image_shape``: (H, W, C) the trigger was built for; other sizes are rejected here
-    rather than failing later with an opaque broadcasting error.
+    rather than failing later with an opaque broadcasting error. Values (finite, in [0, 1])
+    are checked where they are known, i.e. outside ``jit`` / ``vmap`` tracing.
     """
     if not hasattr(images, "dtype") or not jnp.issubdtype(images.dtype, jnp.floating):
         raise TypeError(
@@ -115,6 +139,8 @@ def check_images(images, what: str = "images", image_shape=None):
         raise ValueError(
             f"{what} are {tuple(images.shape[-3:])} per image but the trigger was built for "
             f"{tuple(image_shape)}; build the attack with image_shape={tuple(images.shape[-3:])}")
+    if not isinstance(images, jax.core.Tracer):
+        check_pixel_range(np.asarray(images), what)
 
 
 def match_rank(array, images):
@@ -159,8 +185,11 @@ def poison_training_set(dataset: Dataset, attack: Attack, target: TargetMap, key
     """
     if (rate is None) == (per_class is None):
         raise ValueError("give exactly one of rate= or per_class=")
+    if not isinstance(dataset, Dataset):
+        raise TypeError(f"dataset must be a bdjax.data.Dataset, got {type(dataset).__name__}")
     if len(dataset) == 0:
         raise ValueError("cannot poison an empty dataset")
+    target.check_dataset(dataset)
     labels = dataset.labels
     if attack.clean_label:
         if target.mode != "all_to_one":
@@ -171,7 +200,7 @@ def poison_training_set(dataset: Dataset, attack: Attack, target: TargetMap, key
     select_key, trigger_key, extra_key = jax.random.split(key, 3)
     rng = np.random.default_rng(np.asarray(jax.random.key_data(select_key)).ravel())
     if rate is not None:
-        if not 0.0 <= rate <= 1.0:
+        if not 0.0 <= rate <= 1.0:  # NaN fails too
             raise ValueError(f"poison rate must be in [0, 1], got {rate}")
         count = min(int(round(rate * len(dataset))), eligible.size)
         chosen = rng.choice(eligible, size=count, replace=False)
@@ -202,6 +231,9 @@ def poison_test_set(dataset: Dataset, attack: Attack, target: TargetMap, key=Non
     Returns (triggered set with TRUE labels, target labels). Images whose true class is
     already the target are excluded, so ASR measures label flips only.
     """
+    if not isinstance(dataset, Dataset):
+        raise TypeError(f"dataset must be a bdjax.data.Dataset, got {type(dataset).__name__}")
+    target.check_dataset(dataset)
     keep = target.applies_to(dataset.labels)
     source = dataset.subset(np.flatnonzero(keep))
     if key is None and attack.stochastic:
@@ -221,9 +253,27 @@ def register(cls):
 
 def make(name: str, key, image_shape=(32, 32, 3), **kwargs) -> Attack:
     """Build attack ``name``; random parts (pattern, location, noise) are drawn from ``key``."""
+    kwargs = check_args(name, kwargs)
+    return ATTACKS[name].create(key, image_shape, **kwargs)
+
+
+def check_args(name: str, kwargs: dict) -> dict:
+    """The keyword arguments of attack ``name`` (CLI ``--attack-arg``), checked against its
+    ``create`` signature: unknown names and values of the wrong type are errors naming them.
+    Returns them with lists given for tuples turned into tuples."""
     if name not in ATTACKS:
         raise ValueError(f"unknown attack {name!r}; known: {sorted(ATTACKS)}")
-    return ATTACKS[name].create(key, image_shape, **kwargs)
+    parameters = dict(list(inspect.signature(ATTACKS[name].create).parameters.items())[2:])  # after key, image_shape
+    unknown = sorted(set(kwargs) - set(parameters))
+    if unknown:
+        raise ValueError(f"attack {name!r} has no argument(s) {unknown}; arguments: {', '.join(parameters)}")
+    hints = typing.get_type_hints(ATTACKS[name].create)
+    checked = {}
+    for key, value in kwargs.items():
+        default = parameters[key].default
+        hint = hints.get(key, type(default) if default not in (None, inspect.Parameter.empty) else None)
+        checked[key] = value if hint is None else typecheck.check_value(f"{name} argument {key}", value, hint)
+    return checked
 
 
 def from_record(meta: dict, arrays: dict[str, np.ndarray]) -> Attack:

@@ -70,11 +70,18 @@ class Dataset:
     info: DatasetInfo
 
     def __post_init__(self):
+        if not isinstance(self.info, DatasetInfo):
+            raise TypeError(f"info must be a bdjax.data.DatasetInfo, got {type(self.info).__name__}")
         images, labels = np.asarray(self.images), np.asarray(self.labels)
         if images.ndim != 4:
             raise ValueError(f"images must be uint8[N, H, W, C], got shape {images.shape}")
         if images.dtype != np.uint8:
-            raise TypeError(f"images must be uint8 (stored pixels), got {images.dtype}")
+            hint = (" (floats in [0, 1]: convert with bdjax.data.to_uint8)"
+                    if np.issubdtype(images.dtype, np.floating) else "")
+            raise TypeError(f"images must be uint8 (stored pixels), got {images.dtype}{hint}")
+        if tuple(images.shape[1:]) != tuple(self.info.image_shape):
+            raise ValueError(f"images are {'x'.join(map(str, images.shape[1:]))} (H x W x C) per image but "
+                             f"{self.info.name} images are {'x'.join(map(str, self.info.image_shape))}")
         if labels.shape != (images.shape[0],):
             raise ValueError(
                 f"labels must have shape ({images.shape[0]},) to match images, got {labels.shape}")
@@ -113,4 +120,19 @@ def to_float(images) -> np.ndarray:
 def to_uint8(images) -> np.ndarray:
     """float pixels in [0, 1] -> uint8, rounding to the nearest level (what saving an image does)."""
     images = np.asarray(images, dtype=np.float32)
+    if not np.isfinite(images).all():
+        raise ValueError("to_uint8: images hold NaN or infinite values")
     return np.clip(np.rint(images * 255.0), 0, 255).astype(np.uint8)
+
+
+def check_pixel_range(images: np.ndarray, what: str = "images"):
+    """Raise unless the float pixels ``images`` are finite and in [0, 1], naming ``what``."""
+    if images.size == 0:
+        return
+    if not np.isfinite(images).all():
+        raise ValueError(f"{what} hold NaN or infinite values")
+    low, high = float(images.min()), float(images.max())
+    if low < 0.0 or high > 1.0:
+        hint = (" (pixels on the 0..255 scale? divide by 255, or pass uint8 through bdjax.data.to_float)"
+                if high > 1.0 else " (normalised to [-1, 1] or by mean/std? models normalise themselves)")
+        raise ValueError(f"{what} must be float pixels in [0, 1], got values in [{low:.4g}, {high:.4g}]{hint}")

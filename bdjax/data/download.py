@@ -68,11 +68,16 @@ CIFAR10_ARCHIVE = Archive("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.
 CIFAR100_ARCHIVE = Archive("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
                            expect="cifar-100-python/train",
                            md5="eb9058c3a382ffc7106e4002c42a8d85")
+# The GTSRB site publishes no checksums; these MD5s are the ones torchvision and other loaders
+# pin for the same files (the training zip's, e.g., in several GTSRB download scripts).
 GTSRB_TRAIN_ARCHIVE = Archive(_GTSRB_BASE + "GTSRB_Final_Training_Images.zip",
-                              expect="GTSRB/Final_Training/Images/00042/GT-00042.csv")
+                              expect="GTSRB/Final_Training/Images/00042/GT-00042.csv",
+                              md5="f33fd80ac59bff73c82d25ab499e03a3")
 GTSRB_TEST_ARCHIVE = Archive(_GTSRB_BASE + "GTSRB_Final_Test_Images.zip",
-                             expect="GTSRB/Final_Test/Images/12629.ppm")
-GTSRB_TEST_GT_ARCHIVE = Archive(_GTSRB_BASE + "GTSRB_Final_Test_GT.zip", expect="GT-final_test.csv")
+                             expect="GTSRB/Final_Test/Images/12629.ppm",
+                             md5="c7e4e6327067d32654124b0fe9e82185")
+GTSRB_TEST_GT_ARCHIVE = Archive(_GTSRB_BASE + "GTSRB_Final_Test_GT.zip", expect="GT-final_test.csv",
+                                md5="fe31e9c9270bbcd7b84b7f21a9d9d9e5")
 
 # Which archives each (dataset, split) needs. Looked up at call time, so tests can point
 # an entry at a local server.

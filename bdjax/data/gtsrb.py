@@ -14,6 +14,10 @@ The CSVs are semicolon-separated with columns
 ``TTTTT_FFFFF.ppm``: track TTTTT, frame FFFFF. A physical track is the pair (class, track)
 and holds ~30 frames of one sign, so it must not straddle a train/validation split.
 
+File names in the CSVs must be plain names (``00000.ppm``): an entry such as ``../../x.ppm``
+is refused rather than read from outside the folder. Unreadable files (a truncated npz, a
+corrupt PPM, a CSV with a bad row) raise ``DataFileError`` naming the file.
+
 Resizing: the whole image (no ROI crop) to 32x32 with Pillow bilinear. The shared
 ``gtsrb32.npz`` was made with OpenCV's ``cv2.resize`` (bilinear, no antialiasing), whereas
 Pillow's bilinear filter widens its support when shrinking (antialiasing), so images read
@@ -24,6 +28,7 @@ large source images. PPMs that are already 32x32 are taken as they are.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import os
 from pathlib import Path
@@ -32,6 +37,7 @@ import numpy as np
 from PIL import Image
 
 from bdjax.data.dataset import GTSRB, Dataset
+from bdjax.data.files import DataFileError, dataset_from_file, plain_file_name, read_npz_arrays
 
 GTSRB_NPZ_FILE = "gtsrb/gtsrb32.npz"
 TRAIN_IMAGES = "GTSRB/Final_Training/Images"
@@ -50,7 +56,7 @@ def read_gtsrb_npz(path: str | os.PathLike, split: str) -> Dataset:
     The arrays are shared between calls and therefore read-only; copy before editing in place.
     """
     images, labels = _read_npz_arrays(*_file_key(path), f"x_{split}", f"y_{split}")
-    return Dataset(images, labels, GTSRB)
+    return dataset_from_file(path, images, labels, GTSRB)
 
 
 def read_gtsrb_npz_tracks(path: str | os.PathLike) -> np.ndarray:
@@ -69,25 +75,40 @@ def _file_key(path) -> tuple[str, int, int]:
 @functools.lru_cache(maxsize=8)
 def _read_npz_arrays(path: str, mtime_ns: int, size: int, *keys: str) -> tuple[np.ndarray, ...]:
     del mtime_ns, size  # cache key only
-    with np.load(path) as npz:
-        missing = [k for k in keys if k not in npz.files]
-        if missing:
-            raise ValueError(f"{path}: missing arrays {missing} (has {sorted(npz.files)})")
-        arrays = tuple(npz[k] if k.startswith("x_") else npz[k].astype(np.int32) for k in keys)
-    for array in arrays:
+    arrays = []
+    for key, array in zip(keys, read_npz_arrays(path, *keys)):
+        if key.startswith("x_"):
+            if array.dtype != np.uint8 or array.ndim != 4 or array.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
+                raise DataFileError(path, f"{key} must be uint8[N, 32, 32, 3], got {array.dtype}{list(array.shape)}")
+        else:
+            if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
+                raise DataFileError(path, f"{key} must be a vector of integers, got {array.dtype}{list(array.shape)}")
+            array = array.astype(np.int32)
         array.setflags(write=False)
-    return arrays
+        arrays.append(array)
+    return tuple(arrays)
 
 
 # --- official folder layout ----------------------------------------------------------
 
 def read_gt_csv(path: str | os.PathLike) -> list[tuple[str, int]]:
-    """A GTSRB ground-truth CSV -> [(file name, class id)], sorted by file name."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f, delimiter=";"))
+    """A GTSRB ground-truth CSV -> [(file name, class id)], sorted by file name.
+
+    Every file name must be a plain name (it is read from the CSV's image folder)."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f, delimiter=";"))
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise DataFileError(path, f"not a readable CSV ({err})") from None
     if rows and not {"Filename", "ClassId"} <= set(rows[0]):
-        raise ValueError(f"{path}: expected columns Filename and ClassId, found {list(rows[0])}")
-    return sorted((row["Filename"], int(row["ClassId"])) for row in rows)
+        raise DataFileError(path, f"expected columns Filename and ClassId, found {list(rows[0])}")
+    entries = []
+    for line, row in enumerate(rows, start=2):
+        name, class_id = row["Filename"], row["ClassId"]
+        if name is None or class_id is None or not class_id.strip().isdigit():
+            raise DataFileError(path, f"line {line}: expected a file name and an integer ClassId, got {row}")
+        entries.append((plain_file_name(name, path, Path(path).parent), int(class_id)))
+    return sorted(entries)
 
 
 def list_train_files(root: str | os.PathLike) -> list[tuple[Path, int, int]]:
@@ -104,8 +125,11 @@ def list_train_files(root: str | os.PathLike) -> list[tuple[Path, int, int]]:
             raise FileNotFoundError(f"missing {csv_path} (the official per-class ground truth)")
         for filename, label in read_gt_csv(csv_path):
             if label != class_id:
-                raise ValueError(f"{csv_path}: {filename} has ClassId {label}, expected {class_id}")
-            index.append((class_dir / filename, class_id, int(filename.split("_")[0])))
+                raise DataFileError(csv_path, f"{filename} has ClassId {label}, expected {class_id}")
+            track = filename.split("_")[0]
+            if not track.isdigit():
+                raise DataFileError(csv_path, f"{filename} is not named TTTTT_FFFFF.ppm (track_frame)")
+            index.append((class_dir / filename, class_id, int(track)))
     return index
 
 
@@ -128,11 +152,17 @@ def list_test_files(root: str | os.PathLike) -> list[tuple[Path, int]]:
 
 def read_image(path: str | os.PathLike, size: int = IMAGE_SIZE) -> np.ndarray:
     """One image file -> uint8[size, size, 3], the whole image resized with Pillow bilinear."""
-    with Image.open(path) as image:
-        image = image.convert("RGB")
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.Resampling.BILINEAR)
-        return np.asarray(image)
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            if image.size != (size, size):
+                image = image.resize((size, size), Image.Resampling.BILINEAR)
+            return np.asarray(image)
+    except (FileNotFoundError, PermissionError):
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        # UnidentifiedImageError and "image file is truncated" are OSErrors
+        raise DataFileError(path, f"not a readable image ({type(err).__name__}: {err})") from None
 
 
 def read_gtsrb_folder(root: str | os.PathLike, split: str, size: int = IMAGE_SIZE) -> Dataset:
@@ -150,7 +180,9 @@ def read_gtsrb_folder(root: str | os.PathLike, split: str, size: int = IMAGE_SIZ
     images = np.empty((len(files), size, size, 3), np.uint8)
     for i, (path, _) in enumerate(files):
         images[i] = read_image(path, size)
-    return Dataset(images, np.array([label for _, label in files], np.int32), GTSRB)
+    labels = np.array([label for _, label in files], np.int32)
+    return dataset_from_file(Path(root) / (TRAIN_IMAGES if split == "train" else TEST_IMAGES), images, labels,
+                             GTSRB if size == IMAGE_SIZE else dataclasses.replace(GTSRB, image_shape=(size, size, 3)))
 
 
 def read_gtsrb_folder_tracks(root: str | os.PathLike) -> np.ndarray:

@@ -5,6 +5,7 @@ TFDS pulls in TensorFlow (~1.4 GB), so it is imported only when ``load_tfds`` is
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -36,6 +37,8 @@ def load_tfds(name: str, split: str, data_dir: str | os.PathLike | None = None,
     if image_size is not None:
         images = resize_images(images, image_size)
     info = INFOS.get(name) or _info_from_tfds(name, tfds.builder(name, data_dir=data_dir).info, images)
+    if tuple(images.shape[1:]) != tuple(info.image_shape):  # e.g. resized: the models take this size
+        info = dataclasses.replace(info, image_shape=tuple(int(d) for d in images.shape[1:]))
     return Dataset(images, np.asarray(labels, np.int32), info)
 
 

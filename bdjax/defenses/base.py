@@ -12,11 +12,14 @@ filters and detectors), plus what it found in ``info`` (scores, masks, triggers,
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
+from bdjax import typecheck
 from bdjax.data.dataset import Dataset
 from bdjax.evaluation import Classifier
 
@@ -45,13 +48,50 @@ DEFENSES: dict[str, DefenseSpec] = {}
 
 
 def register(name: str, config_cls: type, *, detector: bool = False, summary: str = ""):
-    """Decorator: make ``fn`` available as ``bdjax defend NAME``."""
+    """Decorator: make ``fn`` available as ``bdjax defend NAME``.
+
+    The registered function (``DEFENSES[name].fn``, what the CLI and sweeps call) first checks
+    its inputs at this public boundary (``check_defense_inputs``)."""
     def wrap(fn: DefenseFn) -> DefenseFn:
         if name in DEFENSES:
             raise ValueError(f"defense {name!r} registered twice")
-        DEFENSES[name] = DefenseSpec(name, fn, config_cls, detector, summary or (fn.__doc__ or "").split("\n")[0])
+
+        @functools.wraps(fn)
+        def checked(module, variables, clean, key, config):
+            check_defense_inputs(name, module, variables, clean, config, config_cls)
+            return fn(module, variables, clean, key, config)
+
+        DEFENSES[name] = DefenseSpec(name, checked, config_cls, detector,
+                                     summary or (fn.__doc__ or "").split("\n")[0])
         return fn
     return wrap
+
+
+def check_defense_inputs(method: str, module, variables, clean, config, config_cls: type):
+    """Raise, naming the argument, unless ``clean`` is a Dataset of the images and classes the
+    model takes, ``variables`` a variables dict and ``config`` a ``config_cls``.
+
+    A clean set of another dataset (other size, channels or class count) would otherwise give
+    silently wrong repairs. An empty or missing clean set is left to the defense's own message.
+    """
+    if clean is not None and not isinstance(clean, Dataset):
+        raise TypeError(f"{method}: clean must be a bdjax.data.Dataset (uint8 images and labels), "
+                        f"got {type(clean).__name__}")
+    if clean is not None:
+        expected = getattr(module, "image_shape", None)
+        if expected is not None and tuple(clean.images.shape[1:]) != tuple(expected):
+            raise ValueError(f"{method}: clean images are {'x'.join(map(str, clean.images.shape[1:]))} "
+                             f"(H x W x C) but the model takes {'x'.join(map(str, expected))}")
+        classes = getattr(module, "num_classes", None)
+        if classes is not None and clean.info.num_classes != classes:
+            raise ValueError(f"{method}: clean is a {clean.info.name} set of {clean.info.num_classes} classes "
+                             f"but the model has {classes}")
+    if not isinstance(variables, Mapping) or "params" not in variables:
+        raise TypeError(f"{method}: variables must be the model's dict with 'params' (and 'batch_stats'), "
+                        f"got {type(variables).__name__}")
+    if not isinstance(config, config_cls):
+        raise TypeError(f"{method}: config must be a {config_cls.__name__} (see defenses.make_config), "
+                        f"got {type(config).__name__}")
 
 
 # Vectorised sweeps (``bdjax.sweep``): a batched implementation runs N settings of one
@@ -111,20 +151,27 @@ def _nested_default(field: dataclasses.Field):
 
 
 def make_config(config_cls: type, overrides: dict):
-    """``config_cls(**overrides)`` with a clear error for unknown fields (CLI ``--set``).
+    """``config_cls(**overrides)`` with a clear error for unknown fields and for values of the
+    wrong type, naming the field (CLI ``--set``; ``bdjax.typecheck``).
 
     A dict given for a field whose default is a config dataclass overrides only the named fields
     of that default (``{"finetune": {"epochs": 5}}``), recursively."""
+    if not isinstance(overrides, dict):
+        raise TypeError(f"overrides for {config_cls.__name__} must be a dict of field values, "
+                        f"got {type(overrides).__name__}")
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
     unknown = set(overrides) - set(fields)
     if unknown:
         raise ValueError(f"{config_cls.__name__} has no field(s) {sorted(unknown)}; "
                          f"fields: {', '.join(fields)}")
+    hints = typecheck.field_types(config_cls)
     values = {}
     for name, value in overrides.items():
         nested = _nested_default(fields[name])
         if nested is not None and isinstance(value, dict):
             checked = make_config(type(nested), value)  # unknown names fail; deeper dicts convert
             value = dataclasses.replace(nested, **{k: getattr(checked, k) for k in value})
+        elif name in hints:
+            value = typecheck.check_value(f"{config_cls.__name__}.{name}", value, hints[name])
         values[name] = value
     return config_cls(**values)

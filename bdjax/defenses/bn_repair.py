@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -119,13 +120,27 @@ class RepairConfig:
     suspect_file: str | None = None
     cetf: CETFConfig = dataclasses.field(default_factory=CETFConfig)
 
+    def __post_init__(self):
+        if self.suspect_file and not Path(self.suspect_file).is_file():  # fail before any work
+            raise FileNotFoundError(f"suspect_file {self.suspect_file} does not exist")
+
 
 def _suspects(config: RepairConfig) -> np.ndarray:
     if config.suspect_images is not None:
         return np.asarray(config.suspect_images)
     if config.suspect_file:
-        loaded = np.load(config.suspect_file)
-        return np.asarray(loaded[loaded.files[0]] if hasattr(loaded, "files") else loaded)
+        path = Path(config.suspect_file)
+        try:
+            with open(path, "rb") as f:
+                loaded = np.load(f, allow_pickle=False)
+                suspects = np.asarray(loaded[loaded.files[0]] if hasattr(loaded, "files") else loaded)
+        except Exception as err:  # not .npy/.npz, truncated, pickled objects, an empty npz
+            raise ValueError(f"suspect_file {path} is not a readable .npy/.npz of images "
+                             f"({type(err).__name__}: {err})") from None
+        if suspects.dtype != np.uint8 or suspects.ndim != 4:
+            raise ValueError(f"suspect_file {path} must hold uint8[N, H, W, C] images, "
+                             f"got {suspects.dtype}{list(suspects.shape)}")
+        return suspects
     raise ValueError("CETF repairs need inputs to screen for triggers: pass suspect_images (uint8[N, H, W, C]) "
                      "or suspect_file (.npy/.npz), e.g. a batch of deployment inputs; the clean set holds none")
 

@@ -54,10 +54,16 @@ def batch_norm(train: bool, name: str) -> nn.BatchNorm:
 
 
 class Normalize(nn.Module):
-    """(x - mean) / std with the dataset's channel statistics; no parameters."""
+    """(x - mean) / std with the dataset's channel statistics; no parameters.
+
+    Checks the input's shape where it is static (also under ``jit``): C must be the number of
+    channel statistics (a grey image would silently broadcast against RGB ones), and H, W those
+    of ``image_shape`` when the model was built for a dataset (``bdjax.models.create``).
+    """
 
     mean: Sequence[float]
     std: Sequence[float]
+    image_shape: Sequence[int] | None = None
 
     def __call__(self, images):
         if images.ndim != 4:
@@ -65,6 +71,11 @@ class Normalize(nn.Module):
         if not jnp.issubdtype(images.dtype, jnp.floating):
             raise TypeError(
                 f"models take float pixels in [0, 1], got {images.dtype}; use bdjax.data.to_float")
+        expected = tuple(self.image_shape) if self.image_shape is not None else (None, None, len(self.mean))
+        if any(want is not None and want != got for want, got in zip(expected, images.shape[1:])):
+            shown = "x".join("?" if d is None else str(d) for d in expected)
+            raise ValueError(f"images are {'x'.join(map(str, images.shape[1:]))} (H x W x C) per image but "
+                             f"this model takes {shown}")
         # Explicit [1, 1, 1, C] statistics: no implicit rank promotion (tests make it an error).
         mean = jnp.asarray(self.mean, images.dtype).reshape(1, 1, 1, -1)
         std = jnp.asarray(self.std, images.dtype).reshape(1, 1, 1, -1)

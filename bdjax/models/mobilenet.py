@@ -37,6 +37,7 @@ class MobileNetV2(nn.Module):
     config: Sequence = CIFAR_CONFIG
     mean: Sequence[float] = (0.5, 0.5, 0.5)
     std: Sequence[float] = (0.5, 0.5, 0.5)
+    image_shape: tuple[int, int, int] | None = None  # (H, W, C) it takes; None: any H, W
 
     def _blocks(self):
         blocks, in_width = [], 32
@@ -50,7 +51,7 @@ class MobileNetV2(nn.Module):
 
     @nn.compact
     def __call__(self, images, train: bool = False):
-        x = Normalize(self.mean, self.std)(images)
+        x = Normalize(self.mean, self.std, self.image_shape)(images)
         x = nn.relu6(batch_norm(train, "bn")(conv(32, 3, 1, "conv")(x)))
         for name, expansion, width, stride, _ in self._blocks():
             x = InvertedResidual(expansion, width, stride, name=name)(x, train)

@@ -43,13 +43,14 @@ class PreActResNet(nn.Module):
     widths: Sequence[int] = (64, 128, 256, 512)
     mean: Sequence[float] = (0.5, 0.5, 0.5)
     std: Sequence[float] = (0.5, 0.5, 0.5)
+    image_shape: tuple[int, int, int] | None = None  # (H, W, C) it takes; None: any H, W
 
     def _blocks(self):
         return residual_stages(self.stage_sizes, self.widths)
 
     @nn.compact
     def __call__(self, images, train: bool = False):
-        x = Normalize(self.mean, self.std)(images)
+        x = Normalize(self.mean, self.std, self.image_shape)(images)
         x = conv(self.widths[0], 3, 1, "conv")(x)
         for name, width, stride, _ in self._blocks():
             x = PreActBlock(width, stride, name=name)(x, train)

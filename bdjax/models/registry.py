@@ -34,10 +34,11 @@ MODEL_NAMES = tuple(BUILDERS)
 
 
 def create(name: str, info: DatasetInfo):
-    """The Flax module ``name`` for a dataset (class count and input normalisation)."""
+    """The Flax module ``name`` for a dataset (class count, input normalisation and input shape)."""
     if name not in BUILDERS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")
-    return BUILDERS[name](info.num_classes, mean=tuple(info.mean), std=tuple(info.std))
+    return BUILDERS[name](info.num_classes, mean=tuple(info.mean), std=tuple(info.std),
+                          image_shape=tuple(info.image_shape))
 
 
 def init_variables(module, key, image_shape=(32, 32, 3)) -> dict:

@@ -56,6 +56,7 @@ class ResNet(nn.Module):
     shortcut: str
     mean: Sequence[float] = (0.5, 0.5, 0.5)
     std: Sequence[float] = (0.5, 0.5, 0.5)
+    image_shape: tuple[int, int, int] | None = None  # (H, W, C) it takes; None: any H, W
 
     def _blocks(self):
         """(name, width, stride, has_projection) for every block, in order."""
@@ -64,7 +65,7 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, images, train: bool = False):
-        x = Normalize(self.mean, self.std)(images)
+        x = Normalize(self.mean, self.std, self.image_shape)(images)
         x = conv(self.widths[0], 3, 1, "conv")(x)
         x = nn.relu(batch_norm(train, "bn")(x))
         for name, width, stride, _ in self._blocks():

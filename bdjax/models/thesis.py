@@ -36,10 +36,11 @@ class ConvPoolNet(nn.Module):
     use_bn: bool = False
     mean: Sequence[float] = (0.5, 0.5, 0.5)
     std: Sequence[float] = (0.5, 0.5, 0.5)
+    image_shape: tuple[int, int, int] | None = None  # (H, W, C) it takes; None: any H, W
 
     @nn.compact
     def __call__(self, images, train: bool = False):
-        x = Normalize(self.mean, self.std)(images)
+        x = Normalize(self.mean, self.std, self.image_shape)(images)
         for index, width in enumerate(self.widths):
             x = nn.Conv(width, (5, 5), padding=self.padding, name=f"conv{index}")(x)
             if self.use_bn:

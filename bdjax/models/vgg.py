@@ -20,13 +20,14 @@ class VGG(nn.Module):
     config: Sequence = CONFIGS[11]
     mean: Sequence[float] = (0.5, 0.5, 0.5)
     std: Sequence[float] = (0.5, 0.5, 0.5)
+    image_shape: tuple[int, int, int] | None = None  # (H, W, C) it takes; None: any H, W
 
     def _convs(self):
         return [width for width in self.config if width != "M"]
 
     @nn.compact
     def __call__(self, images, train: bool = False):
-        x = Normalize(self.mean, self.std)(images)
+        x = Normalize(self.mean, self.std, self.image_shape)(images)
         index = 0
         for width in self.config:
             if width == "M":
