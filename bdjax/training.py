@@ -203,7 +203,8 @@ def train_many(module, dataset: Dataset, config: TrainConfig, keys, *, variables
     of an uninterrupted run. A state written by another training (other data, recipe, keys or
     model) is refused. ``on_epoch(epoch, metrics)`` is called after each epoch (and its
     checkpoint); metrics hold the epoch's mean loss and accuracy.
-    Raises ``TrainingDiverged`` (and writes no checkpoint) when an epoch's loss is not finite.
+    Raises ``TrainingDiverged`` (and checkpoints nothing of that epoch) when an epoch's loss is
+    not finite.
     """
     if len(dataset) < config.batch_size:
         raise ValueError(f"dataset has {len(dataset)} images, fewer than batch_size {config.batch_size}")
@@ -233,7 +234,7 @@ def train_many(module, dataset: Dataset, config: TrainConfig, keys, *, variables
     orders = [np.random.default_rng(np.asarray(jax.random.key_data(k)).ravel()) for k in run_keys]
     history, first_epoch, seconds_before = [], 0, 0.0
     if checkpoint_dir is not None:
-        fingerprint = _fingerprint(module, dataset, config, keys, variables, learning_rates)
+        fingerprint = _fingerprint(module, dataset, config, keys, state, learning_rates)
         saved = checkpoint.load_training_state(checkpoint_dir, state)
         if saved is not None:
             state, meta = saved
@@ -269,7 +270,7 @@ def train_many(module, dataset: Dataset, config: TrainConfig, keys, *, variables
         history.append({k: np.mean([m[k] for m in epoch_metrics], axis=0) for k in ("loss", "accuracy")})
         if not np.all(np.isfinite(history[-1]["loss"])):
             raise TrainingDiverged(f"training diverged in epoch {epoch + 1}: the loss is "
-                                   f"{history[-1]['loss']} (lower the learning rate); nothing was saved")
+                                   f"{history[-1]['loss']} (lower the learning rate); this epoch was not saved")
         if checkpoint_dir is not None:
             checkpoint.save_training_state(checkpoint_dir, jax.device_get(state), {
                 "epoch": epoch + 1, "epochs": config.epochs, "fingerprint": fingerprint,
@@ -281,16 +282,23 @@ def train_many(module, dataset: Dataset, config: TrainConfig, keys, *, variables
     return TrainResult(state.variables, history, seconds_before + time.perf_counter() - start)
 
 
-def _fingerprint(module, dataset: Dataset, config: TrainConfig, keys, variables, learning_rates) -> str:
-    """What identifies one training: model, data, recipe, keys and starting point."""
+def _fingerprint(module, dataset: Dataset, config: TrainConfig, keys, start: TrainState, learning_rates) -> str:
+    """What identifies one training: recipe, data, keys, architecture and starting weights.
+
+    The architecture enters through its class name and the starting state's tree (initial or
+    given weights), not ``repr(module)``, so that an attribute added to a model class in a
+    later version of the library does not orphan the checkpoints of running trainings.
+    """
     digest = hashlib.sha256()
-    for part in (repr(module), repr(config), dataset.info.name,
+    for part in (type(module).__name__, repr(config), dataset.info.name,
                  np.asarray(jax.random.key_data(keys)).tobytes(),
                  np.ascontiguousarray(dataset.images).tobytes(), np.asarray(dataset.labels).tobytes(),
                  b"" if learning_rates is None else np.asarray(learning_rates, np.float32).tobytes()):
         digest.update(part.encode() if isinstance(part, str) else part)
-    for leaf in jax.tree_util.tree_leaves(variables):
-        digest.update(np.asarray(leaf).tobytes())
+    for path, leaf in jax.tree_util.tree_leaves_with_path((start.params, start.batch_stats)):
+        leaf = np.asarray(leaf)
+        digest.update(f"{jax.tree_util.keystr(path)}{leaf.shape}{leaf.dtype}".encode())
+        digest.update(leaf.tobytes())
     return digest.hexdigest()
 
 
