@@ -1,0 +1,44 @@
+"""experiments/zoo.py: every zoo spec is a valid RunSpec, and issue 27's bar is applied as written."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from bdjax.runs import RunSpec
+
+_PATH = Path(__file__).resolve().parents[1] / "experiments" / "zoo.py"
+_spec = importlib.util.spec_from_file_location("zoo", _PATH)
+zoo = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(zoo)
+
+
+@pytest.mark.parametrize("variant", sorted(zoo.ZOO_DIRS))
+def test_every_variant_builds_valid_specs(variant):
+    specs = zoo.variant_specs(variant)
+    assert specs and all(isinstance(s, RunSpec) for s in specs.values())
+    clean = [s for s in specs.values() if s.attack == "none"]
+    assert clean and all(not s.attack_args for s in clean)
+
+
+def test_v2_trains_resnet20_with_the_default_recipe_and_thesis_models_with_theirs():
+    specs = zoo.v2_specs()
+    assert specs["resnet20-gtsrb-badnets"].recipe == "default"
+    assert specs["resnet20-cifar10-cb"].poison_rate == pytest.approx(900 / 50000)
+    assert {s.recipe for n, s in specs.items() if not n.startswith("resnet20")} == {"thesis"}
+    assert all(s.train_subset is None for s in specs.values())  # full training splits
+
+
+def test_bar_follows_issue_27():
+    specs = zoo.v2_specs()
+    assert zoo.v2_bar(specs["resnet20-gtsrb-badnets"]) == (0.96, 0.95)
+    assert zoo.v2_bar(specs["resnet20-gtsrb-wanet"]) == (0.96, 0.90)
+    assert zoo.v2_bar(specs["resnet20-cifar10-sig"]) == (0.88, 0.95)
+    assert zoo.v2_bar(specs["resnet20-cifar10-badnets-a2a"]) == (0.90, 0.85)
+    assert zoo.v2_bar(specs["medium-bn-gtsrb-badnets"]) is None
+    gtsrb = specs["resnet20-gtsrb-badnets"]
+    assert zoo._meets(gtsrb, {"acc": 0.97, "asr": 0.99}) == "yes"
+    assert zoo._meets(gtsrb, {"acc": 0.95, "asr": 0.5}) == "no: ACC < 0.96, ASR < 0.95"
+    assert zoo._meets(specs["resnet20-gtsrb-clean"], {"acc": 0.97, "asr": None}) == "yes"
