@@ -14,6 +14,8 @@
   (the recipe of the first, weak zoo).
 
 Single fields are overridden on top of a recipe (``RunSpec(recipe="default", epochs=3)``).
+Switching the optimizer without giving a learning rate takes that optimizer's usual rate
+(``OPTIMIZER_LEARNING_RATES``: Adam 1e-3, SGD 0.05), not the recipe's rate for the other one.
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ from __future__ import annotations
 import dataclasses
 
 from bdjax.training import TrainConfig
+
+
+# The learning rate an optimizer gets when it replaces a recipe's own and no rate is given
+# (SGD: the default recipe's peak at batch 64; Adam: the thesis's, Kingma & Ba's default).
+OPTIMIZER_LEARNING_RATES = {"adam": 1e-3, "sgd": 0.05}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +42,11 @@ class Recipe:
         """The recipe's TrainConfig for ``dataset``, with non-None ``overrides`` applied."""
         epochs = dict(self.epochs_by_dataset).get(dataset, self.config.epochs)
         fields = {"epochs": epochs, **{k: v for k, v in overrides.items() if v is not None}}
+        optimizer = fields.get("optimizer", self.config.optimizer)
+        if optimizer != self.config.optimizer and "learning_rate" not in fields:
+            if optimizer not in OPTIMIZER_LEARNING_RATES:
+                raise ValueError(f"optimizer must be one of {sorted(OPTIMIZER_LEARNING_RATES)}, got {optimizer!r}")
+            fields["learning_rate"] = OPTIMIZER_LEARNING_RATES[optimizer]
         return dataclasses.replace(self.config, **fields)
 
 

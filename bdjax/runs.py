@@ -94,7 +94,11 @@ class RunSpec:
         if "recipe" not in spec:
             thesis = recipes.get("thesis").train_config(spec.get("dataset", "gtsrb"))
             spec["recipe"] = "thesis"
+            own_optimizer = spec.get("optimizer", thesis.optimizer) != thesis.optimizer
             for name in TRAINING_FIELDS:
+                # Another optimizer's rate stays explicit: left out it would take that optimizer's own.
+                if name == "learning_rate" and own_optimizer:
+                    continue
                 if name in spec and spec[name] == getattr(thesis, name):
                     spec[name] = None
         return cls(**spec)

@@ -39,3 +39,17 @@ def test_records_from_before_recipes_read_back_as_the_thesis_recipe():
     spec = RunSpec.from_record(legacy)
     assert spec.recipe == "thesis" and spec.epochs == 8 and spec.optimizer is None
     assert spec.train_config() == dataclasses.replace(recipes.get("thesis").train_config("gtsrb"), epochs=8)
+
+
+def test_switching_the_optimizer_takes_its_own_learning_rate_unless_one_is_given():
+    assert RunSpec(dataset="gtsrb", optimizer="adam").train_config().learning_rate == 1e-3
+    assert RunSpec(dataset="gtsrb", optimizer="adam", learning_rate=3e-4).train_config().learning_rate == 3e-4
+    assert RunSpec(dataset="gtsrb", recipe="thesis", optimizer="sgd").train_config().learning_rate == 0.05
+    assert RunSpec(dataset="gtsrb", optimizer="sgd").train_config().learning_rate == 0.05  # the recipe's own
+
+
+def test_a_legacy_record_with_sgd_at_the_thesis_rate_keeps_its_rate():
+    legacy = {k: v for k, v in dataclasses.asdict(RunSpec()).items() if k != "recipe"}
+    legacy.update(epochs=15, batch_size=128, optimizer="sgd", learning_rate=1e-3, crop_padding=0)
+    config = RunSpec.from_record(legacy).train_config()
+    assert (config.optimizer, config.learning_rate) == ("sgd", 1e-3)
