@@ -1,25 +1,37 @@
-"""``bdjax`` command line: train, eval, defend, sweep, demo, data verify.
+"""``bdjax`` command line: train, eval, defend, methods, sweep, demo, data verify.
 
 Output contract (other tools parse it): ``eval --json`` prints one object with ``acc``,
-``asr``, ``sia``; ``defend --json`` prints ``{"method", "before", "after", "seconds"}``
-(detectors add ``tpr``/``fpr`` to ``after``). Fractions are in [0, 1]; a rate that does not
-exist (a clean model's ASR) is ``null``. The output is strict JSON (no NaN).
+``asr``, ``sia``; ``defend --json`` prints ``{"method", "before", "after", "seconds",
+"der", "defense_size", "eval_size", "found", "changed"}`` (detectors add ``tpr``/``fpr`` to
+``after``; ``found`` is ``bdjax.defenses.findings.summarize`` of the defense's info,
+``changed`` the number of model values that moved and their total). Fractions are in [0, 1];
+a rate that does not exist (a clean model's ASR) is ``null``. The output is strict JSON (no NaN).
+Progress goes to stderr (``--quiet``: none), so stdout holds only the result.
 A user error (a bad flag, a missing file, an existing run as ``--out``) ends in one line on
 stderr and exit status 2, never a traceback; ``data verify`` exits 1 when a file fails.
+
+Start-up: JAX and the registries are imported only once a command runs (``bdjax --help`` and
+a mistyped argument answer at once; the choices come from ``bdjax.catalog``). A command that
+compiles keeps XLA's compiled programs in a persistent cache (``--compilation-cache``).
+To add a subcommand: a ``cmd_NAME(args)`` function and a block in ``build_parser`` that
+imports nothing heavy at module level.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import json
+import os
 import math
 import sys
 import time
 from pathlib import Path
 
-from bdjax.data.locations import ENV_VAR
+from bdjax import catalog
 
+CACHE_ENV_VAR = "BDJAX_COMPILATION_CACHE"
 DEMO_SPEC = dict(dataset="gtsrb", model="medium-bn", attack="badnets",
                  attack_args={"size": 2, "location": "upper-left"}, target=14, poison_rate=0.1,
                  recipe="thesis", epochs=4, train_subset=12000, eval_limit=3000, seed=0)
@@ -85,7 +97,7 @@ def _to_json(value) -> str:
 
 def _add_data_dir(parser):
     parser.add_argument("--data-dir", default=None,
-                        help=f"folder with cifar10/ and gtsrb/ (default: ${ENV_VAR}, then ~/.cache/bdjax)")
+                        help="folder with cifar10/ and gtsrb/ (default: $BDJAX_DATA_DIR, then ~/.cache/bdjax)")
 
 
 def _rate(value) -> str:
@@ -155,19 +167,91 @@ def cmd_eval(args) -> int:
 
 def cmd_defend(args) -> int:
     from bdjax import checkpoint
+    from bdjax.defenses import findings
+    from bdjax.metrics import defense_effectiveness_rating
     from bdjax.runs import defend_run
     run = checkpoint.load(args.run_dir)
     outcome = defend_run(run, args.method, clean_per_class=args.clean_per_class, seed=args.seed,
                          overrides=_parse_pairs(args.set, "--set"), data_dir=args.data_dir,
                          eval_limit=args.eval_limit, out=args.out, overwrite=args.overwrite)
     report = outcome.to_dict()
+    before, after = report["before"], report["after"]
+    der = (defense_effectiveness_rating(before["acc"], before["asr"], after["acc"], after["asr"])
+           if math.isfinite(before["asr"]) else None)
+    found = findings.summarize(outcome.result.info)
+    changed, total = findings.changed_parameters(run.variables, outcome.result.variables)
+    # A test-time rule (input filter, detector) acts without changing the weights.
+    no_op = changed == 0 and outcome.result.classifier is None
     if args.json:
-        print(_to_json({k: report[k] for k in ("method", "before", "after", "seconds")}))
+        print(_to_json({**{k: report[k] for k in ("method", "before", "after", "seconds", "defense_size",
+                                                  "eval_size")},
+                        "der": der, "found": found, "changed": {"values": changed, "of": total},
+                        "no_op": no_op}))
+        return 0
+    print(f"{args.method}: {outcome.defense_size} clean images, {outcome.seconds:.1f} s; "
+          f"evaluated on {outcome.eval_size} held-out images")
+    if found:
+        print(f"found: {findings.describe(found)}")
+    if no_op:
+        print("NO CHANGE: the defense returned the model as it was (after = before)")
     else:
-        print(f"{args.method}: {outcome.defense_size} clean images, {outcome.seconds:.1f} s; "
-              f"evaluated on {outcome.eval_size} held-out images")
-        _print_table([("before", report["before"]), ("after", report["after"])])
+        print(f"changed {changed:,} of {total:,} model values"
+              + ("; inputs are screened at test time" if outcome.result.classifier is not None else ""))
+    _print_table([("before", before), ("after", after)])
+    if der is not None:
+        print(f"DER {der:.4f}  (1: ASR removed at no ACC cost; 0.5: no change)")
     return 0
+
+
+def cmd_methods(args) -> int:
+    from bdjax.defenses import DEFENSES
+    from bdjax.defenses.base import config_fields
+    names = args.names or sorted(DEFENSES)
+    unknown = [n for n in names if n not in DEFENSES]
+    if unknown:
+        raise ValueError(f"unknown defense(s) {unknown}; known: {', '.join(sorted(DEFENSES))}")
+    specs = [DEFENSES[n] for n in names]
+    if args.json:
+        print(_to_json([{"name": s.name, "kind": s.kind, "paper": s.paper, "summary": s.summary,
+                         "fields": [{"name": f, "type": t, "default": _json_default(d)}
+                                    for f, t, d in config_fields(s.config_cls)]} for s in specs]))
+        return 0
+    show_fields = args.fields or bool(args.names)
+    width = max(len("method"), *(len(s.name) for s in specs))
+    print(f"{'method':<{width}}  {'kind':<12}  paper / summary")
+    for spec in specs:
+        print(f"{spec.name:<{width}}  {spec.kind:<12}  {spec.paper}")
+        print(f"{'':<{width}}  {'':<12}  {spec.summary}")
+        if show_fields:
+            print(_fields_text(spec.config_cls, indent=width + 16))
+    if not show_fields:
+        print("\nconfig fields (--set FIELD=VALUE) with types and defaults: bdjax methods NAME, "
+              "bdjax methods --fields, or bdjax defend NAME --help")
+    return 0
+
+
+def _json_default(value):
+    """A field default for JSON: numbers, strings, None and tuples as they are, anything else as repr."""
+    if value is dataclasses.MISSING:
+        return "(required)"
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (tuple, list)) and all(isinstance(v, (bool, int, float, str)) for v in value):
+        return list(value)
+    return repr(value)
+
+
+def _fields_text(config_cls, indent: int = 2) -> str:
+    """The ``--set`` fields of a defense config, one per line: ``name  type  = default``."""
+    from bdjax.defenses.base import config_fields
+    rows = config_fields(config_cls)
+    if not rows:
+        return " " * indent + "(no fields)"
+    name_width = max(len(name) for name, _, _ in rows)
+    type_width = max(len(kind) for _, kind, _ in rows)
+    return "\n".join(f"{' ' * indent}{name:<{name_width}}  {kind:<{type_width}}  "
+                     + ("(required)" if default is dataclasses.MISSING else f"= {default!r}")
+                     for name, kind, default in rows)
 
 
 def cmd_demo(args) -> int:
@@ -199,7 +283,7 @@ def cmd_demo(args) -> int:
 def cmd_sweep(args) -> int:
     import jax
 
-    from bdjax import sharding, sweep
+    from bdjax import progress, sharding, sweep
 
     config = sweep.load_config(args.config, args.variant)
     out = Path(args.out or Path("runs") / "sweeps" / config.name)
@@ -209,7 +293,8 @@ def cmd_sweep(args) -> int:
         if args.distributed:
             jax.distributed.initialize()
         mesh = None if args.no_shard else sharding.sweep_mesh()
-        sweep.run_sweep(config, out, data_dir=args.data_dir, mesh=mesh, vectorise=not args.sequential)
+        sweep.run_sweep(config, out, data_dir=args.data_dir, mesh=mesh, vectorise=not args.sequential,
+                        log=progress.LOGGER.info)
     table = sweep.results_table(sweep.load_records(out))
     (out / "RESULTS.md").write_text(f"# Sweep {config.name} ({args.variant})\n\n{table}")
     print(table)
@@ -232,26 +317,45 @@ def cmd_data_verify(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from bdjax.attacks import ATTACKS
-    from bdjax.defenses import DEFENSES
-    from bdjax.models import MODEL_NAMES
-    from bdjax.recipes import RECIPES
+class _DefendHelp(argparse.Action):
+    """``-h`` of ``bdjax defend``: after ``defend METHOD``, also that method's ``--set`` fields."""
 
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help="show this help and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        method = getattr(namespace, "method", None)
+        if method in catalog.DEFENSE_NAMES:
+            from bdjax.defenses import DEFENSES
+            spec = DEFENSES[method]
+            parser.epilog = (f"{method} ({spec.kind}; {spec.paper}): {spec.summary}\n\n"
+                             f"--set fields (FIELD=VALUE; nested: FIELD=\"{{'inner': VALUE}}\"):\n"
+                             + _fields_text(spec.config_cls))
+        else:
+            parser.epilog = "bdjax defend METHOD --help lists that method's --set fields; bdjax methods lists all."
+        parser.print_help()
+        parser.exit()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line; it imports nothing heavy (choices from ``bdjax.catalog``)."""
     parser = _Parser(prog="bdjax", description="Backdoor attacks and defenses in JAX.")
+    parser.add_argument("--compilation-cache", default=None, metavar="DIR|off",
+                        help=f"folder of JAX's persistent compilation cache (default: ${CACHE_ENV_VAR}, "
+                             "then ~/.cache/bdjax/jax-compilation; safe to delete); 'off' disables it")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a backdoored (or clean) model into a run directory")
-    p.add_argument("--dataset", choices=["gtsrb", "cifar10", "cifar100"], default="gtsrb")
-    p.add_argument("--model", choices=MODEL_NAMES, default="resnet20")
-    p.add_argument("--attack", choices=sorted(ATTACKS) + ["none"], default="badnets")
+    p.add_argument("--dataset", choices=catalog.DATASET_NAMES, default="gtsrb")
+    p.add_argument("--model", choices=catalog.MODEL_NAMES, default="resnet20")
+    p.add_argument("--attack", choices=catalog.ATTACK_NAMES + ("none",), default="badnets")
     p.add_argument("--attack-arg", action="append", metavar="KEY=VALUE",
                    help="attack parameter, e.g. size=3 location=random (repeatable)")
     p.add_argument("--target", type=_NON_NEGATIVE_INT, default=0)
     p.add_argument("--target-mode", choices=["all_to_one", "all_to_all"], default="all_to_one")
     p.add_argument("--poison-rate", type=_FRACTION, default=0.1)
-    p.add_argument("--recipe", choices=sorted(RECIPES), default="default",
-                   help="training recipe: " + "; ".join(f"{r.name}: {r.summary}" for r in RECIPES.values()))
+    p.add_argument("--recipe", choices=catalog.RECIPE_NAMES, default="default",
+                   help="training recipe (bdjax/recipes.py; the README's table)")
     p.add_argument("--epochs", type=_POSITIVE_INT, default=None, help="override the recipe's epochs")
     p.add_argument("--batch-size", type=_POSITIVE_INT, default=None, help="override the recipe's batch size")
     p.add_argument("--optimizer", choices=["adam", "sgd"], default=None, help="override the recipe's optimizer")
@@ -276,8 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_dir(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("defend", help="apply a defense to a run and report before/after")
-    p.add_argument("method", choices=sorted(DEFENSES))
+    p = sub.add_parser("defend", help="apply a defense to a run and report before/after", add_help=False,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-h", "--help", action=_DefendHelp)
+    p.add_argument("method", choices=catalog.DEFENSE_NAMES, help="a defense (bdjax methods lists them)")
     p.add_argument("run_dir")
     p.add_argument("--clean-per-class", type=_POSITIVE_INT, default=2,
                    help="clean images per class drawn from the test split (held out of evaluation)")
@@ -287,8 +393,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the repaired model as a new run directory")
     p.add_argument("--overwrite", action="store_true", help="replace the run --out holds (even the input run)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     _add_data_dir(p)
     p.set_defaults(func=cmd_defend)
+
+    p = sub.add_parser("methods", help="the defenses: kind, paper, summary and --set fields with defaults")
+    p.add_argument("names", nargs="*", metavar="METHOD", help="only these (and show their fields)")
+    p.add_argument("--fields", action="store_true", help="show every method's --set fields")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("sweep", help="run a defense sweep from a Python config (resumable, vmapped, sharded)")
     p.add_argument("config", help="Python file with get_config(variant) -> bdjax.sweep.SweepConfig")
@@ -298,12 +411,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-shard", action="store_true", help="do not split the vmapped axis over devices")
     p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() first")
     p.add_argument("--table", action="store_true", help="only print the table of the stored records")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     _add_data_dir(p)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("demo", help="plant a backdoor in a small model on real GTSRB and defend it")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--method", choices=sorted(DEFENSES), default="ft")
+    p.add_argument("--method", choices=catalog.DEFENSE_NAMES, default="ft")
     p.add_argument("--clean-per-class", type=_POSITIVE_INT, default=5)
     p.add_argument("--reuse", action="store_true", help="reuse the trained model in --out if present")
     _add_data_dir(p)
@@ -319,10 +433,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _use_compilation_cache(setting: str | None):
+    """Keep XLA's compiled programs between runs (a second ``defend`` skips most compilation).
+
+    ``setting``: a folder, or "off"; None takes $BDJAX_COMPILATION_CACHE, then the user cache."""
+    import jax
+
+    from bdjax.data.locations import cache_dir
+    setting = setting or os.environ.get(CACHE_ENV_VAR) or str(cache_dir() / "jax-compilation")
+    if setting.lower() in ("off", "0", "none", "false"):
+        return
+    jax.config.update("jax_compilation_cache_dir", str(Path(setting).expanduser()))
+    # Every program, however quick to compile: a defense compiles dozens of small ones.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
+    from bdjax import progress
+    progress.show_on_stderr(not getattr(args, "quiet", False))
     try:
+        if args.command not in ("methods", "data"):
+            _use_compilation_cache(args.compilation_cache)
         return args.func(args)
     except (ValueError, TypeError, FloatingPointError, OSError) as err:
         # CheckpointError, DataFileError, ChecksumError are ValueErrors; DataNotFoundError and a

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from bdjax import attacks as attacks_lib
-from bdjax import checkpoint, defenses, models, recipes
+from bdjax import checkpoint, defenses, models, progress, recipes
 from bdjax.attacks.base import TargetMap, poison_training_set
 from bdjax.data import clean_defense_split, load, stratified_subset
 from bdjax.data.dataset import INFOS, Dataset
@@ -282,15 +282,20 @@ def defend_run(run: checkpoint.Run, method: str, *, clean_per_class: int = 2, se
     config = defenses.make_config(spec.config_cls, overrides or {})
     if out is not None:
         _check_defense_output(Path(out), run, overwrite)
-    defense_set, sets = split_for_defense(run, clean_per_class, seed, data_dir, eval_limit)
-    before = evaluate_model(run.module, run.variables, sets)
-    started = time.perf_counter()
-    result = spec.fn(run.module, run.variables, defense_set, jax.random.key(seed), config)
-    jax.block_until_ready(result.variables)
-    seconds = time.perf_counter() - started
+    with progress.stage(f"loading {run.dataset} test split"):
+        defense_set, sets = split_for_defense(run, clean_per_class, seed, data_dir, eval_limit)
+    sizes = f"{len(sets.clean)} clean + {len(sets.triggered)} triggered images"
+    with progress.stage(f"evaluating the model before {method} on {sizes}"):
+        before = evaluate_model(run.module, run.variables, sets)
+    with progress.stage(f"defending with {method} ({len(defense_set)} clean images)"):
+        started = time.perf_counter()
+        result = spec.fn(run.module, run.variables, defense_set, jax.random.key(seed), config)
+        jax.block_until_ready(result.variables)
+        seconds = time.perf_counter() - started
     check_finite_variables(result.variables, f"the variables {method} returned")
     classifier = result.classifier or model_classifier(run.module, result.variables)
-    after = evaluate(classifier, sets, detector=spec.detector)
+    with progress.stage(f"evaluating the defended model on {sizes}"):
+        after = evaluate(classifier, sets, detector=spec.detector)
     outcome = DefenseOutcome(method, before, after, seconds, result, len(defense_set), len(sets.clean))
     if out is not None:
         record = dict(run.record, defense={**outcome.to_dict(), "config": dataclasses.asdict(config),

@@ -236,6 +236,7 @@ def run_sweep(sweep: SweepConfig, out_dir, *, data_dir=None, mesh=None, vectoris
     """Run every cell that has no record yet; return all records in cell order."""
     records = []
     todo = cells(sweep)
+    ran, ran_seconds = 0, 0.0
     for i, cell in enumerate(todo):
         path = record_path(out_dir, cell)
         if path.is_file():
@@ -253,7 +254,10 @@ def run_sweep(sweep: SweepConfig, out_dir, *, data_dir=None, mesh=None, vectoris
         if jax.process_index() == 0:
             checkpoint.atomic_write(path, (json.dumps(_strict(record), indent=1, sort_keys=True, allow_nan=False)
                                            + "\n").encode())
-        log(f"    {record['mode']} on {record['devices']} device(s): {record['seconds']:.1f} s")
+        ran, ran_seconds = ran + 1, ran_seconds + record["seconds"]
+        left = len(todo) - i - 1
+        log(f"    {record['mode']} on {record['devices']} device(s): {record['seconds']:.1f} s"
+            + (f"; ETA {ran_seconds / ran * left / 60:.1f} min for the {left} cell(s) left" if left else ""))
         records.append(record)
     return records
 

@@ -27,6 +27,9 @@ from bdjax.data.dataset import Dataset, DatasetInfo, to_float
 from bdjax.models import create, init_variables
 from bdjax.runs import RunSpec, split_for_defense
 
+# The CLI's persistent compilation cache stays out of the tests (and out of the user's cache):
+# tests that call ``bdjax.cli.main`` would otherwise switch it on for the whole session.
+os.environ.setdefault("BDJAX_COMPILATION_CACHE", "off")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 # Tests are dominated by XLA compile time (tiny models, a few steps); skipping most
 # optimisations makes compiles several times faster (measured: the suite runs ~2x faster).

@@ -156,7 +156,9 @@ def _reverse(variables, images, labels, channels, targets, *, module, path, conf
     return state[0], asr, size
 
 
-@register("abs", AbsConfig, summary="ABS-style (simplified) stimulation candidates and mask triggers, "
+@register("abs", AbsConfig, kind="pruning",
+          paper="Liu et al., CCS 2019 (simplified), pruned as in Koldenhof 2023",
+          summary="ABS-style (simplified) stimulation candidates and mask triggers, "
           "then TAC pruning of the valid triggers")
 def abs_defense(module, variables, clean: Dataset, key, config: AbsConfig = AbsConfig()) -> DefenseResult:
     """Stimulation candidates -> mask/pattern triggers -> TAC pruning. Deterministic (``key`` unused)."""

@@ -202,7 +202,9 @@ def split_fit_val(clean: Dataset, val_fraction: float, key) -> tuple[Dataset, Da
     return clean.subset(np.sort(order[~to_val])), clean.subset(np.sort(order[to_val]))
 
 
-@register("anp", AnpConfig, summary="ANP: prune BN neurons whose masks shrink under adversarial neuron perturbation")
+@register("anp", AnpConfig, kind="pruning",
+          paper="Wu & Wang, NeurIPS 2021",
+          summary="ANP: prune BN neurons whose masks shrink under adversarial neuron perturbation")
 def anp(module, variables, clean: Dataset, key, config: AnpConfig = AnpConfig()) -> DefenseResult:
     """Learn ANP masks on the clean set and zero γ of the neurons with mask below the threshold."""
     units = bn_units_or_raise(module, variables, "ANP")

@@ -35,6 +35,11 @@ class DefenseResult:
 DefenseFn = Callable[[Any, dict, Dataset, Any, Any], DefenseResult]
 
 
+# What a defense does to the model, for ``bdjax methods``: "input filter" and "detector" are the
+# ``detector`` defenses (a test-time rule that rejects inputs); the others return new variables.
+KINDS = ("fine-tuning", "pruning", "unlearning", "BN repair", "input filter", "detector")
+
+
 @dataclasses.dataclass(frozen=True)
 class DefenseSpec:
     name: str
@@ -42,12 +47,14 @@ class DefenseSpec:
     config_cls: type
     detector: bool = False  # reports TPR/FPR of its rejections
     summary: str = ""
+    kind: str = ""  # one of KINDS
+    paper: str = ""  # authors, venue and year of the method's paper
 
 
 DEFENSES: dict[str, DefenseSpec] = {}
 
 
-def register(name: str, config_cls: type, *, detector: bool = False, summary: str = ""):
+def register(name: str, config_cls: type, *, kind: str, paper: str, detector: bool = False, summary: str = ""):
     """Decorator: make ``fn`` available as ``bdjax defend NAME``.
 
     The registered function (``DEFENSES[name].fn``, what the CLI and sweeps call) first checks
@@ -55,6 +62,9 @@ def register(name: str, config_cls: type, *, detector: bool = False, summary: st
     def wrap(fn: DefenseFn) -> DefenseFn:
         if name in DEFENSES:
             raise ValueError(f"defense {name!r} registered twice")
+        if kind not in KINDS or detector != (kind in ("input filter", "detector")):
+            raise ValueError(f"defense {name!r}: kind {kind!r} must be one of {KINDS}, "
+                             "'input filter' or 'detector' exactly when detector=True")
 
         @functools.wraps(fn)
         def checked(module, variables, clean, key, config):
@@ -62,7 +72,7 @@ def register(name: str, config_cls: type, *, detector: bool = False, summary: st
             return fn(module, variables, clean, key, config)
 
         DEFENSES[name] = DefenseSpec(name, checked, config_cls, detector,
-                                     summary or (fn.__doc__ or "").split("\n")[0])
+                                     summary or (fn.__doc__ or "").split("\n")[0], kind, paper)
         return fn
     return wrap
 
@@ -148,6 +158,25 @@ def _nested_default(field: dataclasses.Field):
     if default is dataclasses.MISSING and field.default_factory is not dataclasses.MISSING:
         default = field.default_factory()
     return default if dataclasses.is_dataclass(default) and not isinstance(default, type) else None
+
+
+def config_fields(config_cls: type, prefix: str = "") -> list[tuple[str, str, Any]]:
+    """(name, type, default) of every field a ``--set`` can override, in declaration order; the
+    fields of a nested config (FP's ``finetune``) as ``finetune.epochs``. A field without a
+    default has ``dataclasses.MISSING``."""
+    hints = typecheck.field_types(config_cls)
+    rows = []
+    for field in dataclasses.fields(config_cls):
+        nested = _nested_default(field)
+        if nested is not None:
+            rows.extend(config_fields(type(nested), f"{prefix}{field.name}."))
+            continue
+        default = field.default
+        if default is dataclasses.MISSING and field.default_factory is not dataclasses.MISSING:
+            default = field.default_factory()
+        kind = typecheck.describe(hints[field.name]) if field.name in hints else "any"
+        rows.append((prefix + field.name, kind.replace("a number (float)", "float"), default))
+    return rows
 
 
 def make_config(config_cls: type, overrides: dict):

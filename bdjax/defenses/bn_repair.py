@@ -200,19 +200,25 @@ def _repair(kind: str, module, variables, clean: Dataset, key, config: RepairCon
     return DefenseResult(new, info={**info, **repair_info})
 
 
-@register("cetf+bn-clean", RepairConfig, summary="CETF triggers + BN-cleaning (running stats only, no gradients)")
+@register("cetf+bn-clean", RepairConfig, kind="BN repair",
+          paper="Zhou et al. (evolutionary trigger detection, IEEE)",
+          summary="CETF triggers + BN-cleaning (running stats only, no gradients)")
 def cetf_bn_clean(module, variables, clean: Dataset, key, config: RepairConfig = RepairConfig()) -> DefenseResult:
     """Extract triggers with CETF from ``config``'s suspect inputs, then BN-clean with them."""
     return _repair("bn-clean", module, variables, clean, key, config)
 
 
-@register("cetf+bn-unlearn", RepairConfig, summary="CETF triggers + BN-unlearning (fine-tune BN γ/β only)")
+@register("cetf+bn-unlearn", RepairConfig, kind="BN repair",
+          paper="Zhou et al. (evolutionary trigger detection, IEEE)",
+          summary="CETF triggers + BN-unlearning (fine-tune BN γ/β only)")
 def cetf_bn_unlearn(module, variables, clean: Dataset, key, config: RepairConfig = RepairConfig()) -> DefenseResult:
     """Extract triggers with CETF from ``config``'s suspect inputs, then fine-tune BN γ/β only."""
     return _repair("bn-unlearn", module, variables, clean, key, config)
 
 
-@register("cetf+unlearn", RepairConfig, summary="CETF triggers + naive unlearning (fine-tune all parameters)")
+@register("cetf+unlearn", RepairConfig, kind="unlearning",
+          paper="Zhou et al. (evolutionary trigger detection, IEEE)",
+          summary="CETF triggers + naive unlearning (fine-tune all parameters)")
 def cetf_unlearn(module, variables, clean: Dataset, key, config: RepairConfig = RepairConfig()) -> DefenseResult:
     """Extract triggers with CETF from ``config``'s suspect inputs, then fine-tune every parameter."""
     return _repair("unlearn", module, variables, clean, key, config)

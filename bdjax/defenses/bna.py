@@ -414,7 +414,9 @@ def rule_rates(module, variables, aligned: dict, sets) -> dict:
 
 
 # --------------------------------------------------------------------------- the defense
-@register("bna", BNAConfig, detector=True,
+@register("bna", BNAConfig, kind="detector",
+          paper="Li, Xiang, Miller & Kesidis (correcting activation distributions)",
+          detector=True,
           summary="detect by pair-wise trigger reverse engineering, then align BN mean/std (params untouched)")
 def bna(module, variables, clean: Dataset, key, config: BNAConfig = BNAConfig()) -> DefenseResult:
     """BNA. Returns the original variables and, when a backdoor is detected, the test-time

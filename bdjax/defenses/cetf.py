@@ -353,7 +353,9 @@ def screen(module, variables, images: np.ndarray, auxiliary: np.ndarray, filter_
                      priors.astype(np.int32), history, generations.astype(np.int32))
 
 
-@register("cetf", CETFConfig, detector=True, summary="CAM-focus evolutionary trigger filter (rejects inputs)")
+@register("cetf", CETFConfig, kind="input filter",
+          paper="Zhou et al. (evolutionary trigger detection, IEEE)",
+          detector=True, summary="CAM-focus evolutionary trigger filter (rejects inputs)")
 def cetf(module, variables, clean: Dataset, key, config: CETFConfig = CETFConfig()) -> DefenseResult:
     """CETF as an input filter: the classifier rejects every input it finds a trigger in.
 

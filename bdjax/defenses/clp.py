@@ -27,7 +27,9 @@ class ClpConfig:
     u: float = 3.0
 
 
-@register("clp", ClpConfig, summary="CLP: prune channels with outlying channel Lipschitz constants (data-free)")
+@register("clp", ClpConfig, kind="pruning",
+          paper="Zheng et al., ECCV 2022",
+          summary="CLP: prune channels with outlying channel Lipschitz constants (data-free)")
 def clp(module, variables, clean: Dataset | None, key, config: ClpConfig = ClpConfig()) -> DefenseResult:
     """Zero the BN neurons of channels whose UCLC exceeds mean + u · std in their layer.
 

@@ -73,7 +73,9 @@ def prune_channels(variables, unit, channels) -> dict:
     return surgery.zero_conv_channels(variables, unit, channels, keep_bias=False)
 
 
-@register("fp", FinePruningConfig, summary="fine-pruning: prune dormant last-layer channels, then fine-tune")
+@register("fp", FinePruningConfig, kind="pruning",
+          paper="Liu, Dolan-Gavitt & Garg, RAID 2018",
+          summary="fine-pruning: prune dormant last-layer channels, then fine-tune")
 def fine_pruning(module, variables, clean: Dataset, key, config: FinePruningConfig = FinePruningConfig()) -> DefenseResult:
     """Prune the least-active channels of the last conv while the clean validation accuracy
     drop is < ``max_acc_drop``, fine-tune, and keep the pruned channels at zero.

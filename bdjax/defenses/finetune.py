@@ -31,7 +31,9 @@ def _train_config(config: FinetuneConfig, clean: Dataset) -> TrainConfig:
                        weight_decay=config.weight_decay, schedule="cosine", crop_padding=config.crop_padding)
 
 
-@register("ft", FinetuneConfig, summary="fine-tune all parameters on the clean set")
+@register("ft", FinetuneConfig, kind="fine-tuning",
+          paper="baseline (e.g. Liu et al., RAID 2018)",
+          summary="fine-tune all parameters on the clean set")
 def finetune(module, variables, clean: Dataset, key, config: FinetuneConfig = FinetuneConfig()) -> DefenseResult:
     """Fine-tune every parameter (and BN statistics) on ``clean`` with cross-entropy."""
     check_clean_set(clean, "fine-tuning")

@@ -128,7 +128,9 @@ def _round(module, variables, opt_state, images, labels, config: IBAUConfig):
     return new, opt_state, delta, losses
 
 
-@register("ibau", IBAUConfig, summary="I-BAU: minimax unlearning with an implicit hypergradient")
+@register("ibau", IBAUConfig, kind="unlearning",
+          paper="Zeng et al., ICLR 2022",
+          summary="I-BAU: minimax unlearning with an implicit hypergradient")
 def ibau(module, variables, clean: Dataset, key, config: IBAUConfig = IBAUConfig()) -> DefenseResult:
     """Run ``config.rounds`` I-BAU rounds on ``clean``; returns the unlearned variables."""
     check_clean_set(clean, "I-BAU", min_size=2)

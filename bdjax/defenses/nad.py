@@ -155,7 +155,9 @@ def _batch_indices(count: int, batch: int, epochs: int, seed) -> np.ndarray:
                            for _ in range(epochs)]).astype(np.int32)
 
 
-@register("nad", NadConfig, summary="NAD: fine-tune with attention distillation from a fine-tuned teacher")
+@register("nad", NadConfig, kind="fine-tuning",
+          paper="Li et al., ICLR 2021",
+          summary="NAD: fine-tune with attention distillation from a fine-tuned teacher")
 def nad(module, variables, clean: Dataset, key, config: NadConfig = NadConfig()) -> DefenseResult:
     """Fine-tune a teacher on ``clean``, then distil its attention maps into the backdoored model."""
     check_clean_set(clean, "NAD")

@@ -171,7 +171,9 @@ def confirmation_set(clean: Dataset, key, config: NEOConfig) -> np.ndarray:
     return clean.images[order[:config.num_confirm]]
 
 
-@register("neo", NEOConfig, detector=True, summary="NEO input filter (dominant-colour blocker + confirmation)")
+@register("neo", NEOConfig, kind="input filter",
+          paper="Udeshi et al., IEEE Trans. Reliability 2022",
+          detector=True, summary="NEO input filter (dominant-colour blocker + confirmation)")
 def neo(module, variables, clean: Dataset, key, config: NEOConfig = NEOConfig()) -> DefenseResult:
     """NEO as an input filter: the classifier rejects every input with a confirmed trigger.
 

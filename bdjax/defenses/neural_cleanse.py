@@ -70,7 +70,9 @@ def unlearning_set(clean: Dataset, triggers, fraction: float, key) -> Dataset:
     return clean.replace(images=images)
 
 
-@register("nc", NCConfig, summary="Neural Cleanse: per-label trigger reverse engineering, MAD > 2, unlearning")
+@register("nc", NCConfig, kind="unlearning",
+          paper="Wang et al., IEEE S&P 2019",
+          summary="Neural Cleanse: per-label trigger reverse engineering, MAD > 2, unlearning")
 def neural_cleanse(module, variables, clean: Dataset, key, config: NCConfig = NCConfig()) -> DefenseResult:
     """Detect infected labels; if any, fine-tune on clean images partly stamped with their triggers."""
     check_clean_set(clean, "Neural Cleanse", min_size=2)

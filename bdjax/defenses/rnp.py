@@ -84,7 +84,9 @@ def prune_by_mask(module, variables, masks: dict[str, np.ndarray], threshold: fl
     return {**variables, "params": params}, pruned
 
 
-@register("rnp", RnpConfig, summary="RNP: unlearn, learn neuron masks on the unlearned model, prune")
+@register("rnp", RnpConfig, kind="pruning",
+          paper="Li et al., ICML 2023",
+          summary="RNP: unlearn, learn neuron masks on the unlearned model, prune")
 def rnp(module, variables, clean: Dataset, key, config: RnpConfig = RnpConfig()) -> DefenseResult:
     """Unlearn -> recover neuron masks -> prune low-mask neurons in the original model.
 

@@ -133,7 +133,9 @@ def clean_threshold(module, variables, clean: Dataset, key, config: STRIPConfig 
     return Threshold(float(np.quantile(values, config.false_positive_rate)), values)
 
 
-@register("strip", STRIPConfig, detector=True, summary="STRIP input filter (rejects low-entropy blends)")
+@register("strip", STRIPConfig, kind="input filter",
+          paper="Gao et al., ACSAC 2019",
+          detector=True, summary="STRIP input filter (rejects low-entropy blends)")
 def strip(module, variables, clean: Dataset, key, config: STRIPConfig = STRIPConfig()) -> DefenseResult:
     """STRIP as an input filter: the classifier rejects every input whose blend entropy is below
     the clean-set threshold. ``info`` holds the threshold, the clean entropies and, per

@@ -210,7 +210,8 @@ def sweep_mu(module, variables, scores: dict, mus, heuristic: str = "score",
             for i in range(mus.shape[0])]
 
 
-@register("suspicion", SuspicionConfig,
+@register("suspicion", SuspicionConfig, kind="pruning",
+          paper="Hashemifar, Parsa & Zakeri-Nasrabadi (data-limited backdoor mitigation)",
           summary="prune channels with an outlying backdoor suspiciousness score (tiny clean set)")
 def suspicion_pruning(module, variables, clean: Dataset, key,
                       config: SuspicionConfig = SuspicionConfig()) -> DefenseResult:

@@ -179,7 +179,9 @@ def tac_prune_with_trigger(module, variables, clean: Dataset, apply_trigger: Tri
 
 
 # --------------------------------------------------------------------------- the defense
-@register("tac", TacConfig, summary="TAC pruning: reconstruct triggers of low-variance channels, "
+@register("tac", TacConfig, kind="pruning",
+          paper="Koldenhof, MSc thesis 2023",
+          summary="TAC pruning: reconstruct triggers of low-variance channels, "
           "prune channels with outlying trigger-activated change")
 def tac_defense(module, variables, clean: Dataset, key, config: TacConfig = TacConfig()) -> DefenseResult:
     """Algorithm 1 of the thesis. Deterministic (zero-initialised triggers): ``key`` is unused.

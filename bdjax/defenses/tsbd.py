@@ -251,7 +251,9 @@ def activeness_aware_finetune(module, variables, clean: Dataset, key, config: Ts
 
 
 # --------------------------------------------------------------------------- the defense
-@register("tsbd", TsbdConfig, summary="TSBD: NWC-based reinitialisation + gradient-norm-penalised fine-tuning")
+@register("tsbd", TsbdConfig, kind="pruning",
+          paper="Lin et al., NeurIPS 2024",
+          summary="TSBD: NWC-based reinitialisation + gradient-norm-penalised fine-tuning")
 def tsbd(module, variables, clean: Dataset, key, config: TsbdConfig = TsbdConfig()) -> DefenseResult:
     """Stage 1 (clean unlearning, NWC ranking, zero-reinitialisation), then stage 2 (fine-tuning).
 
