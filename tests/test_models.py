@@ -59,6 +59,7 @@ def abstract_forward(module, num_images: int = 3):
 # neuron would not silence the stem channel; declaring the pair would mislead CLP-like code.
 FAN_OUT_EDGES = {
     "preact-resnet18": {(("conv",), ("stage1_0", "bn1"))},
+    "preact-resnet18-backdoorbench": {(("conv",), ("stage1_0", "bn1"))},
 }
 
 

@@ -1,4 +1,9 @@
-"""Pre-activation ResNet-18 (He et al. 2016b) with a CIFAR stem, BackdoorBench's default model."""
+"""Pre-activation ResNet-18 (He et al. 2016b) with a CIFAR stem, BackdoorBench's default model.
+
+``final_bn``: the BN-ReLU of the pre-activation design before pooling (``preact-resnet18``).
+BackdoorBench's PreActResNet18 pools the last block's sum directly
+(``preact-resnet18-backdoorbench``, what ``bdjax import-torch`` reads its checkpoints into).
+"""
 
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ class PreActResNet(nn.Module):
     mean: Sequence[float] = (0.5, 0.5, 0.5)
     std: Sequence[float] = (0.5, 0.5, 0.5)
     image_shape: tuple[int, int, int] | None = None  # (H, W, C) it takes; None: any H, W
+    final_bn: bool = True
 
     def _blocks(self):
         return residual_stages(self.stage_sizes, self.widths)
@@ -54,8 +60,8 @@ class PreActResNet(nn.Module):
         x = conv(self.widths[0], 3, 1, "conv")(x)
         for name, width, stride, _ in self._blocks():
             x = PreActBlock(width, stride, name=name)(x, train)
-        # Final BN-ReLU of the pre-activation design, before pooling.
-        x = nn.relu(batch_norm(train, "bn")(x))
+        if self.final_bn:  # the pre-activation design's last BN-ReLU, before pooling
+            x = nn.relu(batch_norm(train, "bn")(x))
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, name="classifier")(x)
 

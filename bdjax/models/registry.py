@@ -20,6 +20,7 @@ BUILDERS = {
     "resnet56": functools.partial(resnet_cifar, 56),
     "resnet18": resnet18,
     "preact-resnet18": preact_resnet18,
+    "preact-resnet18-backdoorbench": functools.partial(preact_resnet18, final_bn=False),
     "vgg11-bn": functools.partial(vgg_bn, 11),
     "vgg16-bn": functools.partial(vgg_bn, 16),
     "mobilenet-v2": mobilenet_v2,
