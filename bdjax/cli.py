@@ -293,7 +293,7 @@ def cmd_sweep(args) -> int:
         if args.distributed:
             jax.distributed.initialize()
         mesh = None if args.no_shard else sharding.sweep_mesh()
-        sweep.run_sweep(config, out, data_dir=args.data_dir, mesh=mesh, vectorise=not args.sequential,
+        sweep.run_sweep(config, out, data_dir=args.data_dir, mesh=mesh, vectorise=True if args.vmap else False if args.sequential else None,
                         log=progress.LOGGER.info)
     table = sweep.results_table(sweep.load_records(out))
     (out / "RESULTS.md").write_text(f"# Sweep {config.name} ({args.variant})\n\n{table}")
@@ -407,7 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="Python file with get_config(variant) -> bdjax.sweep.SweepConfig")
     p.add_argument("--variant", default="local", help="passed to get_config (e.g. local, full)")
     p.add_argument("--out", default=None, help="record folder (default runs/sweeps/NAME)")
-    p.add_argument("--sequential", action="store_true", help="run settings one by one (no vmap)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--sequential", action="store_true", help="run settings one by one (no vmap)")
+    mode.add_argument("--vmap", action="store_true",
+                      help="vmap the settings even where a loop is faster (FT on CPU); default: the faster")
     p.add_argument("--no-shard", action="store_true", help="do not split the vmapped axis over devices")
     p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() first")
     p.add_argument("--table", action="store_true", help="only print the table of the stored records")

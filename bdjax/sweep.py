@@ -172,8 +172,12 @@ def _sequential(run, cell: Cell, clean, key, config) -> tuple[list, list]:
     return outputs, classifiers
 
 
-def run_cell(cell: Cell, sweep: SweepConfig, *, data_dir=None, mesh=None, vectorise: bool = True) -> dict:
-    """Run one cell and return its record (nothing is written)."""
+def run_cell(cell: Cell, sweep: SweepConfig, *, data_dir=None, mesh=None, vectorise: bool | None = None) -> dict:
+    """Run one cell and return its record (nothing is written).
+
+    ``vectorise``: True runs the settings as one vmapped program where the defense has one,
+    False as a loop; None (default) picks the faster: vmapped, except on CPU for defenses whose
+    vmapped form was measured slower there (``BatchedSpec.slower_on_cpu``: FT)."""
     run = checkpoint.load(cell.run)
     spec = defenses.get(cell.defense)
     config = defenses.make_config(spec.config_cls, cell.fixed)
@@ -181,6 +185,8 @@ def run_cell(cell: Cell, sweep: SweepConfig, *, data_dir=None, mesh=None, vector
     key = jax.random.fold_in(jax.random.key(sweep.seed), cell.clean_seed)
     settings = cell.settings
     batched = defenses.BATCHED.get(cell.defense)
+    if vectorise is None:
+        vectorise = batched is not None and not (batched.slower_on_cpu and jax.default_backend() == "cpu")
     started = time.perf_counter()
     # Without value axes a cell is one setting: nothing to vmap.
     if vectorise and batched is not None and cell.values and set(cell.values) <= batched.axes and not spec.detector:
@@ -231,7 +237,7 @@ def record_path(out_dir, cell: Cell) -> Path:
     return Path(out_dir) / "cells" / f"{cell.id}.json"
 
 
-def run_sweep(sweep: SweepConfig, out_dir, *, data_dir=None, mesh=None, vectorise: bool = True,
+def run_sweep(sweep: SweepConfig, out_dir, *, data_dir=None, mesh=None, vectorise: bool | None = None,
               log=print) -> list[dict]:
     """Run every cell that has no record yet; return all records in cell order."""
     records = []

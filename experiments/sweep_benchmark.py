@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     mesh = sharding.sweep_mesh() if args.shard else None
     rows = []
     for cell in sweep.cells(config)[: len(config.grids)]:  # the first run's cells
-        vmapped = sweep.run_cell(cell, config, data_dir=args.data_dir, mesh=mesh)
+        vmapped = sweep.run_cell(cell, config, data_dir=args.data_dir, mesh=mesh, vectorise=True)
         loop = sweep.run_cell(cell, config, data_dir=args.data_dir, vectorise=False)
         diffs = {m: max(abs(a[m] - b[m]) for a, b in zip(vmapped["after"], loop["after"])) for m in ("acc", "asr")}
         rows.append((cell, vmapped, loop, diffs))

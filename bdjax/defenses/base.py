@@ -114,15 +114,18 @@ def check_defense_inputs(method: str, module, variables, clean, config, config_c
 class BatchedSpec:
     fn: Callable
     axes: frozenset
+    # Measured slower than a loop of single runs on XLA:CPU, so a sweep on CPU loops unless told
+    # to vmap (``experiments/results/sweep_benchmark.md``).
+    slower_on_cpu: bool = False
 
 
 BATCHED: dict[str, BatchedSpec] = {}
 
 
-def register_batched(name: str, axes):
+def register_batched(name: str, axes, *, slower_on_cpu: bool = False):
     """Decorator: a vmapped implementation of defense ``name`` over the value ``axes``."""
     def wrap(fn):
-        BATCHED[name] = BatchedSpec(fn, frozenset(axes))
+        BATCHED[name] = BatchedSpec(fn, frozenset(axes), slower_on_cpu)
         return fn
     return wrap
 

@@ -41,7 +41,9 @@ def finetune(module, variables, clean: Dataset, key, config: FinetuneConfig = Fi
     return DefenseResult(result.variables, info={"train_loss": [h["loss"] for h in result.history]})
 
 
-@register_batched("ft", axes=("seed", "learning_rate"))
+# Vmapped over parameter sets, each convolution becomes a grouped one, which XLA:CPU runs
+# slowly: 16 settings took 83 s vmapped and 41 s as a loop on 2 cores (sweep_benchmark.md).
+@register_batched("ft", axes=("seed", "learning_rate"), slower_on_cpu=True)
 def finetune_many(module, variables, clean: Dataset, key, config: FinetuneConfig, values: dict, mesh=None):
     """N fine-tunings at once (``train_many``): one per seed and/or learning rate in ``values``."""
     check_clean_set(clean, "fine-tuning")
