@@ -293,8 +293,8 @@ def cmd_sweep(args) -> int:
         if args.distributed:
             jax.distributed.initialize()
         mesh = None if args.no_shard else sharding.sweep_mesh()
-        sweep.run_sweep(config, out, data_dir=args.data_dir, mesh=mesh, vectorise=True if args.vmap else False if args.sequential else None,
-                        log=progress.LOGGER.info)
+        vectorise = True if args.vmap else False if args.sequential else None  # None: the faster mode
+        sweep.run_sweep(config, out, data_dir=args.data_dir, mesh=mesh, vectorise=vectorise, log=progress.LOGGER.info)
     table = sweep.results_table(sweep.load_records(out))
     (out / "RESULTS.md").write_text(f"# Sweep {config.name} ({args.variant})\n\n{table}")
     print(table)
