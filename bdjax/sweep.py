@@ -66,12 +66,18 @@ class Grid:
 @dataclasses.dataclass(frozen=True)
 class SweepConfig:
     name: str
-    runs: tuple[str, ...]  # run directories (relative paths are resolved against the config file's folder)
+    runs: tuple[str, ...]  # run directories, relative ones to ``root``
     grids: tuple[Grid, ...]
     clean_per_class: int = 2
     clean_seeds: tuple[int, ...] = (0,)  # clean-set draws: one cell each (the set's size may differ)
     eval_limit: int | None = None  # stratified subset of the evaluation images
     seed: int = 0  # base PRNG key of every defense
+    # The folder relative runs are read from (``load_config``: the config file's). Cells and records
+    # name runs as written, so a record made in one checkout is found again in another.
+    root: str = ""
+
+    def run_path(self, run: str) -> Path:
+        return Path(run) if Path(run).is_absolute() else Path(self.root) / run
 
     def __post_init__(self):
         # The name is a folder under the records folder (runs/sweeps/NAME): a plain name only.
@@ -155,8 +161,7 @@ def load_config(path, variant: str = "local") -> SweepConfig:
         raise ValueError(f"{path}: get_config({variant!r}) failed: {type(err).__name__}: {err}") from err
     if not isinstance(config, SweepConfig):
         raise TypeError(f"{path}: get_config must return a bdjax.sweep.SweepConfig, got {type(config).__name__}")
-    runs = tuple(str(r) if Path(r).is_absolute() else str((path.parent / r).resolve()) for r in config.runs)
-    return dataclasses.replace(config, runs=runs)
+    return dataclasses.replace(config, root=str(path.parent.resolve()))
 
 
 def _sequential(run, cell: Cell, clean, key, config) -> tuple[list, list]:
@@ -178,7 +183,7 @@ def run_cell(cell: Cell, sweep: SweepConfig, *, data_dir=None, mesh=None, vector
     ``vectorise``: True runs the settings as one vmapped program where the defense has one,
     False as a loop; None (default) picks the faster: vmapped, except on CPU for defenses whose
     vmapped form was measured slower there (``BatchedSpec.slower_on_cpu``: FT)."""
-    run = checkpoint.load(cell.run)
+    run = checkpoint.load(sweep.run_path(cell.run))
     spec = defenses.get(cell.defense)
     config = defenses.make_config(spec.config_cls, cell.fixed)
     clean, sets = split_for_defense(run, sweep.clean_per_class, cell.clean_seed, data_dir, sweep.eval_limit)

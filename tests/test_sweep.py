@@ -220,6 +220,20 @@ def test_on_cpu_a_sweep_loops_over_fine_tunings_and_vmaps_thresholds_unless_told
     assert sweep.run_cell(clp_cell, config)["mode"] == "vmapped"
 
 
+def test_cells_name_runs_as_the_config_writes_them_so_another_checkout_reuses_the_records(tmp_path):
+    for checkout in ("a", "b"):
+        folder = tmp_path / checkout / "sweeps"
+        folder.mkdir(parents=True)
+        (folder / "s.py").write_text(textwrap.dedent("""
+            from bdjax.sweep import Grid, SweepConfig
+            def get_config(variant):
+                return SweepConfig(name="s", runs=("../zoo/run",), grids=(Grid("clp", values={"u": [1.0]}),))
+            """))
+    a, b = (sweep.load_config(tmp_path / c / "sweeps" / "s.py", "local") for c in ("a", "b"))
+    assert [c.id for c in sweep.cells(a)] == [c.id for c in sweep.cells(b)]
+    assert sweep.cells(a)[0].run == "../zoo/run" and a.run_path("../zoo/run") == tmp_path / "a" / "sweeps" / "../zoo/run"
+
+
 def test_grids_names_and_fields_are_checked_before_anything_runs():
     with pytest.raises(ValueError, match=r"Grid\('ft'\).values\['seed'\] must be a non-empty list"):
         sweep.Grid("ft", values={"seed": []})
