@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bdjax.data.dataset import Dataset
-from bdjax.defenses import ibau, neural_cleanse
+from bdjax.defenses import ibau, neural_cleanse, reverse_engineer
 from bdjax.defenses.reverse_engineer import ReverseConfig, Trigger
 from bdjax.evaluation import evaluate_model
 
@@ -23,6 +23,83 @@ def test_infected_labels_flag_only_small_norm_outliers():
     index, infected = neural_cleanse.infected_labels(norms)
     np.testing.assert_allclose(index[5], 46.0 / (1.4826 * 2.0))
     assert infected.tolist() == [False] * 5 + [True, False]  # a large mask is not suspicious
+
+
+def test_anomaly_index_takes_the_lower_median_as_backdoorbench():
+    """BackdoorBench's torch.median takes the lower middle value; for an even number of labels
+    that changes the verdict. Norms [2, 10, 11, 12, 13, 30]: lower median 11, |x − 11| =
+    [9, 1, 0, 1, 2, 19], lower median 1 -> index of label 0 = 9 / 1.4826 = 6.07; NumPy's
+    midpoint: median 11.5, MAD median of [9.5, 1.5, 0.5, 0.5, 1.5, 18.5] = 1.5 -> 4.27."""
+    norms = np.array([2.0, 10.0, 11.0, 12.0, 13.0, 30.0])
+    index, infected = neural_cleanse.infected_labels(norms)
+    np.testing.assert_allclose(index[0], 9.0 / 1.4826)
+    midpoint, _ = neural_cleanse.infected_labels(norms, median="midpoint")
+    np.testing.assert_allclose(midpoint[0], 9.5 / (1.4826 * 1.5))
+    assert neural_cleanse.NCConfig().median == "lower"
+    # Where the two conventions disagree on the flag: [6, 9, 10, 11, 13, 14].
+    edge = np.array([6.0, 9.0, 10.0, 11.0, 13.0, 14.0])
+    assert neural_cleanse.infected_labels(edge)[1][0]  # (10 − 6) / (1.4826 · 1) = 2.70
+    assert not neural_cleanse.infected_labels(edge, median="midpoint")[1][0]  # 4.5 / (1.4826 · 2) = 1.52
+    # Odd counts (GTSRB's 43 labels): both conventions are np.median.
+    odd = np.array([50.0, 52.0, 48.0, 51.0, 49.0, 4.0, 95.0])
+    np.testing.assert_allclose(neural_cleanse.infected_labels(odd)[0], neural_cleanse.infected_labels(odd, median="midpoint")[0])
+
+
+def test_nc_searches_as_its_reference_code_by_default():
+    """Per-epoch cost schedule, tanh-space parameters starting at 1 (mask 0.88), 10 epochs; a
+    dict override keeps the rest of that search (it does not fall back to BNA's step schedule)."""
+    config = neural_cleanse.NCConfig()
+    assert (config.reverse.schedule, config.reverse.init, config.reverse.epochs) == ("epoch", "ones", 10)
+    assert neural_cleanse.NCConfig(reverse={"epochs": 2}).reverse.schedule == "epoch"
+    state = reverse_engineer.search_start((4, 4, 3), jax.random.key(0), config.reverse)
+    np.testing.assert_allclose(reverse_engineer._params_to_trigger(state.params, "patch").mask, (np.tanh(1.0) + 1) / 2,
+                               rtol=1e-6)
+
+
+def test_epoch_schedule_moves_the_cost_once_per_patience_epochs_not_steps():
+    """NC's code: the cost doubles after ``patience`` (5) epochs whose *mean* batch success is
+    >= the threshold, and is divided by 2^1.5 after 5 epochs below it; steps inside an epoch
+    only accumulate."""
+    config = ReverseConfig(schedule="epoch", init="ones", batch_size=2)
+    state = reverse_engineer.search_start((4, 4, 3), jax.random.key(0), config)
+    images = jnp.full((4, 4, 4, 3), 0.5)
+
+    def logits_fn(x):  # always class 1: every batch succeeds for target 1
+        return jnp.tile(jnp.array([[0.0, 5.0]]), (x.shape[0], 1))
+
+    for epoch in range(5):
+        for position in range(2):  # 4 images, batch 2
+            state = reverse_engineer.search_step(logits_fn, images, 1, state, jax.random.key(epoch), config, position)
+            assert float(state.cost) == pytest.approx(1e-3 * (1.0 if epoch < 4 else 1.0))
+        state = reverse_engineer.search_epoch_end(state, config)
+        assert float(state.cost) == pytest.approx(1e-3 * (2.0 if epoch == 4 else 1.0))
+        assert bool(state.best.reached)
+    # Five failing epochs (target 0 is never predicted) divide it by 2^1.5.
+    for epoch in range(5):
+        for position in range(2):
+            state = reverse_engineer.search_step(logits_fn, images, 0, state, jax.random.key(epoch), config, position)
+        state = reverse_engineer.search_epoch_end(state, config)
+    assert float(state.cost) == pytest.approx(2e-3 / 2.0 ** 1.5)
+    assert bool(state.went_up) and bool(state.went_down)
+
+
+def test_start_cost_at_zero_sets_init_cost_after_patience_successful_epochs():
+    config = ReverseConfig(schedule="epoch", start_cost_at_zero=True, batch_size=4)
+    state = reverse_engineer.search_start((4, 4, 3), jax.random.key(0), config)
+    assert float(state.cost) == 0.0
+    images = jnp.full((4, 4, 4, 3), 0.5)
+    for epoch in range(5):
+        state = reverse_engineer.search_step(lambda x: jnp.tile(jnp.array([[0.0, 5.0]]), (x.shape[0], 1)), images, 1,
+                                             state, jax.random.key(epoch), config, 0)
+        state = reverse_engineer.search_epoch_end(state, config)
+    assert float(state.cost) == pytest.approx(1e-3)
+
+
+def test_nc_epoch_search_runs_end_to_end(tiny_model, random_dataset):
+    module, variables = tiny_model("small-bn")
+    config = neural_cleanse.NCConfig(reverse={"epochs": 2, "batch_size": 8})
+    result = neural_cleanse.neural_cleanse(module, variables, random_dataset, jax.random.key(0), config)
+    assert len(result.info["norms"]) == 4 and np.all(np.isfinite(result.info["anomaly_index"]))
 
 
 def test_unlearning_set_stamps_the_fraction_and_keeps_true_labels(random_dataset):

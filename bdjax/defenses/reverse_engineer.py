@@ -34,6 +34,9 @@ from bdjax import attacks
 from bdjax.data.dataset import Dataset, to_float, to_uint8
 
 KINDS = ("patch", "perturbation")
+SCHEDULES = ("step", "epoch")
+INITS = ("small", "ones", "uniform")
+MEDIANS = ("midpoint", "lower")
 
 
 def _require_one_trigger(attack):
@@ -49,8 +52,24 @@ class ReverseConfig:
       down after ``patience`` 5, ``success_threshold`` 0.98 (NC; also SPEC "Baselines").
       The perturbation objective has δ in pixel units, where a step of 0.1 is far too big:
       it uses ``perturbation_learning_rate`` 0.01 (our choice; Xiang et al. give no Adam lr).
-    - ``steps`` optimisation steps on random batches of ``batch_size`` task images (NC runs
-      epochs over the whole set; on CPU we count steps).
+    - ``schedule`` "step" (BNA's): ``steps`` optimisation steps on random batches of
+      ``batch_size`` task images; the cost schedule counts steps and the best trigger is
+      checked after every step. "epoch" (Neural Cleanse's code: the official ``visualizer.py``
+      and BackdoorBench's ``defense/nc.py``): ``epochs`` shuffled passes over the task's images;
+      the cost schedule and the best trigger use each epoch's mean batch success and mean mask
+      norm; the trigger kept is the one at the end of that epoch (as both codes keep it). The
+      last batch of an epoch is filled up from the epoch's first images (one compiled shape),
+      where the references run a smaller last batch.
+    - ``early_stop`` (epoch schedule only; NC's code): stop a task once the cost has gone both
+      up and down and the best norm has not fallen below ``early_stop_threshold`` × its
+      previous best for ``early_stop_patience`` epochs (official GTSRB script: 1.0 and 25;
+      ``Visualizer``'s own defaults 0.99 and 20).
+    - ``start_cost_at_zero``: the official ``Visualizer`` starts at cost 0 and sets
+      ``init_cost`` after ``patience`` successful epochs (``RESET_COST_TO_ZERO``); BackdoorBench
+      starts at ``init_cost`` (the default here).
+    - ``init`` of mask and pattern: "small" (mask U(0.02, 0.2), pattern U(0.02, 0.98)),
+      "ones" (BackdoorBench: both tanh-parameters 1, so mask = pattern = 0.88), "uniform" (the
+      official script: mask and pattern U(0, 1)).
     - ``chunk_size`` tasks are vmapped per compiled call (memory vs. compile count).
     """
 
@@ -67,20 +86,37 @@ class ReverseConfig:
     patience: int = 5
     success_threshold: float = 0.98
     chunk_size: int = 64
+    schedule: str = "step"
+    epochs: int = 10
+    early_stop: bool = True
+    early_stop_threshold: float = 0.99
+    early_stop_patience: int = 25
+    start_cost_at_zero: bool = False
+    init: str = "small"
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
-        if self.steps < 1 or self.batch_size < 1 or self.chunk_size < 1:
-            raise ValueError("steps, batch_size and chunk_size must be >= 1")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.steps < 1 or self.batch_size < 1 or self.chunk_size < 1 or self.epochs < 1:
+            raise ValueError("steps, epochs, batch_size and chunk_size must be >= 1")
+
+    @property
+    def loop_length(self) -> int:
+        """Step keys per task: one per step, or one per epoch (its shuffle)."""
+        return self.steps if self.schedule == "step" else self.epochs
 
 
-def as_reverse_config(value) -> ReverseConfig:
-    """A ReverseConfig from itself or a dict of its fields (``--set reverse="{'steps': 50}"``)."""
+def as_reverse_config(value, base: ReverseConfig | None = None) -> ReverseConfig:
+    """A ReverseConfig from itself or a dict of its fields (``--set reverse="{'steps': 50}"``);
+    a dict overrides only its fields of ``base`` (default: ReverseConfig's defaults)."""
     if isinstance(value, ReverseConfig):
         return value
     if isinstance(value, dict):
-        return ReverseConfig(**value)
+        return dataclasses.replace(base or ReverseConfig(), **value)
     raise TypeError(f"reverse must be a ReverseConfig or a dict of its fields, got {type(value).__name__}")
 
 
@@ -201,14 +237,19 @@ def _trigger_norm(trigger: Trigger, kind: str):
     return jnp.sqrt(jnp.sum(jnp.square(trigger.delta)) + 1e-12)  # finite gradient at δ = 0
 
 
-def _init_params(key, image_shape, kind: str):
+def _init_params(key, image_shape, kind: str, init: str = "small"):
     height, width, channels = image_shape
     if kind == "patch":
+        if init == "ones":  # BackdoorBench: np.ones as the tanh-space parameters
+            return {"mask": jnp.ones((height, width, 1)), "pattern": jnp.ones((height, width, channels))}
         mask_key, pattern_key = jax.random.split(key)
-        # NC starts from a random mask and pattern; tanh⁻¹ of uniform draws in (0, 1).
-        mask = jax.random.uniform(mask_key, (height, width, 1), minval=0.02, maxval=0.2)
-        pattern = jax.random.uniform(pattern_key, (height, width, channels), minval=0.02, maxval=0.98)
-        return {"mask": jnp.arctanh(2.0 * mask - 1.0), "pattern": jnp.arctanh(2.0 * pattern - 1.0)}
+        low, high = (0.02, 0.2) if init == "small" else (0.0, 1.0)
+        mask = jax.random.uniform(mask_key, (height, width, 1), minval=low, maxval=high)
+        low, high = (0.02, 0.98) if init == "small" else (0.0, 1.0)
+        pattern = jax.random.uniform(pattern_key, (height, width, channels), minval=low, maxval=high)
+        # tanh⁻¹ of the draws; the official code keeps 0 and 1 finite the same way (its K.epsilon()).
+        inverse = lambda v: jnp.arctanh(jnp.clip(2.0 * v - 1.0, -1.0 + 1e-6, 1.0 - 1e-6))  # noqa: E731
+        return {"mask": inverse(mask), "pattern": inverse(pattern)}
     return {"delta": jnp.zeros((height, width, channels), jnp.float32)}
 
 
@@ -221,6 +262,17 @@ class _Search(typing.NamedTuple):
     up: jax.Array
     down: jax.Array
     best: Reversed
+    # The epoch schedule's running sums and NC's flags (unused by the step schedule).
+    epoch_success: jax.Array
+    epoch_norm: jax.Array
+    epoch_steps: jax.Array
+    reg_best: jax.Array  # smallest epoch-mean norm of a successful epoch
+    early_best: jax.Array
+    early_count: jax.Array
+    set_count: jax.Array
+    went_up: jax.Array
+    went_down: jax.Array
+    stopped: jax.Array
 
 
 def _optimizer(config: ReverseConfig):
@@ -230,22 +282,38 @@ def _optimizer(config: ReverseConfig):
 
 def search_start(image_shape, key, config: ReverseConfig) -> _Search:
     """The starting state of one task's search (traceable; vmap it over tasks)."""
-    params = _init_params(key, image_shape, config.kind)
+    params = _init_params(key, image_shape, config.kind, config.init)
     start = _params_to_trigger(params, config.kind)
     best = Reversed(start, _trigger_norm(start, config.kind), jnp.float32(0.0), jnp.bool_(False))
-    return _Search(params, _optimizer(config).init(params), jnp.float32(config.init_cost), jnp.int32(0),
-                   jnp.int32(0), best)
+    zero, inf, no = jnp.float32(0.0), jnp.float32(jnp.inf), jnp.bool_(False)
+    cost = 0.0 if config.start_cost_at_zero else config.init_cost
+    return _Search(params, _optimizer(config).init(params), jnp.float32(cost), jnp.int32(0), jnp.int32(0), best,
+                   zero, zero, jnp.int32(0), inf, inf, jnp.int32(0), jnp.int32(0), no, no, no)
 
 
-def search_step(logits_fn, images, target, state: _Search, step_key, config: ReverseConfig) -> _Search:
+def _epoch_batch(key, n: int, batch: int, position):
+    """int32[batch]: the ``position``-th batch of the epoch shuffle drawn from ``key``; the last
+    batch is filled up from the start of the shuffle."""
+    order = jax.random.permutation(key, n)
+    steps = -(-n // batch)
+    order = jnp.concatenate([order, order[:steps * batch - n]])
+    return jax.lax.dynamic_slice(order, (position * batch,), (batch,))
+
+
+def search_step(logits_fn, images, target, state: _Search, step_key, config: ReverseConfig, position=0) -> _Search:
     """One optimisation step of one task sending ``images`` (f32[n, H, W, C]) to ``target``.
 
-    logits_fn: f32[B, H, W, C] -> f32[B, classes]. Traceable (vmap it over tasks).
+    logits_fn: f32[B, H, W, C] -> f32[B, classes]. Traceable (vmap it over tasks). With the
+    epoch schedule ``step_key`` is the epoch's key and ``position`` the step within the epoch;
+    the cost and the best trigger then change only in ``search_epoch_end``.
     """
     kind = config.kind
     n = images.shape[0]
     batch = min(config.batch_size, n)
-    batch_images = images if batch == n else images[jax.random.randint(step_key, (batch,), 0, n)]
+    if config.schedule == "epoch":
+        batch_images = images[_epoch_batch(step_key, n, batch, position)]
+    else:
+        batch_images = images if batch == n else images[jax.random.randint(step_key, (batch,), 0, n)]
     labels = jnp.full((batch,), target, jnp.int32)
 
     def total(params):
@@ -257,6 +325,12 @@ def search_step(logits_fn, images, target, state: _Search, step_key, config: Rev
 
     (_, (trigger, success)), grads = jax.value_and_grad(total, has_aux=True)(state.params)
     norm = _trigger_norm(trigger, kind)
+    if config.schedule == "epoch":
+        updates, opt_state = _optimizer(config).update(grads, state.opt_state, state.params)
+        new = state._replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state,
+                             epoch_success=state.epoch_success + success, epoch_norm=state.epoch_norm + norm,
+                             epoch_steps=state.epoch_steps + 1)
+        return _unless_stopped(state, new)
     hit = success >= config.success_threshold
     best = state.best
     # Keep the smallest trigger that reached the threshold (else the latest one).
@@ -270,7 +344,57 @@ def search_step(logits_fn, images, target, state: _Search, step_key, config: Rev
     up = jnp.where(up >= config.patience, 0, up)
     down = jnp.where(down >= config.patience, 0, down)
     updates, opt_state = _optimizer(config).update(grads, state.opt_state, state.params)
-    return _Search(optax.apply_updates(state.params, updates), opt_state, cost, up, down, best)
+    return state._replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state, cost=cost,
+                          up=up, down=down, best=best)
+
+
+def _unless_stopped(old: _Search, new: _Search) -> _Search:
+    return jax.tree_util.tree_map(lambda o, n: jnp.where(old.stopped, o, n), old, new)
+
+
+def search_epoch_end(state: _Search, config: ReverseConfig) -> _Search:
+    """The end of one epoch of one task (epoch schedule), in the order of NC's code: keep the
+    current trigger if the epoch's mean success reached the threshold with a smaller mean norm
+    than before (the current one while none has), check early stop, then move the cost."""
+    steps = jnp.maximum(state.epoch_steps, 1)
+    success, reg = state.epoch_success / steps, state.epoch_norm / steps
+    hit = success >= config.success_threshold
+    current = _params_to_trigger(state.params, config.kind)
+    keep = (hit & (reg < state.reg_best)) | ~state.best.reached
+    best = jax.tree_util.tree_map(
+        lambda new, old: jnp.where(keep, new, old),
+        Reversed(current, _trigger_norm(current, config.kind), success, state.best.reached | hit), state.best)
+    reg_best = jnp.where(hit & (reg < state.reg_best), reg, state.reg_best)
+
+    early_count, stop = state.early_count, jnp.bool_(False)
+    if config.early_stop:
+        finite = jnp.isfinite(reg_best)
+        early_count = jnp.where(finite, jnp.where(reg_best >= config.early_stop_threshold * state.early_best,
+                                                  early_count + 1, 0), early_count)
+        stop = state.went_up & state.went_down & (early_count >= config.early_stop_patience)
+    early_best = jnp.minimum(state.early_best, reg_best)
+
+    # Cost 0 (``start_cost_at_zero``) becomes ``init_cost`` after ``patience`` successful epochs.
+    set_count = jnp.where((state.cost == 0) & hit, state.set_count + 1, 0)
+    reset = set_count >= config.patience
+    cost = jnp.where(reset, config.init_cost, state.cost)
+    up = jnp.where(reset, 0, state.up)
+    down = jnp.where(reset, 0, state.down)
+    went_up = state.went_up & ~reset
+    went_down = state.went_down & ~reset
+    up = jnp.where(hit, up + 1, 0)
+    down = jnp.where(hit, 0, down + 1)
+    raise_cost = up >= config.patience
+    lower_cost = ~raise_cost & (down >= config.patience)
+    cost = jnp.where(raise_cost, cost * config.cost_up, jnp.where(lower_cost, cost / config.cost_down, cost))
+    moved = state._replace(cost=cost, up=jnp.where(raise_cost, 0, up), down=jnp.where(lower_cost, 0, down),
+                           set_count=set_count, went_up=went_up | raise_cost, went_down=went_down | lower_cost)
+    # An early-stopped epoch changes no cost (NC's code skips that part).
+    after = jax.tree_util.tree_map(lambda s, m: jnp.where(stop, s, m), state, moved)
+    zero = jnp.float32(0.0)
+    new = after._replace(best=best, reg_best=reg_best, early_best=early_best, early_count=early_count,
+                         epoch_success=zero, epoch_norm=zero, epoch_steps=jnp.int32(0), stopped=stop)
+    return _unless_stopped(state, new)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -278,26 +402,42 @@ def _chunk_start(image_shape, config: ReverseConfig, keys):
     """Per task: its starting state and its [steps] step keys."""
     def one(key):
         init_key, loop_key = jax.random.split(key)
-        return search_start(image_shape, init_key, config), jax.random.split(loop_key, config.steps)
+        return search_start(image_shape, init_key, config), jax.random.split(loop_key, config.loop_length)
 
     return jax.vmap(one)(keys)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 7))
-def _chunk_step(module, variables, bank, bank_index, targets, state, step_keys, config: ReverseConfig) -> _Search:
+def _chunk_step(module, variables, bank, bank_index, targets, state, step_keys, config: ReverseConfig,
+                position=0) -> _Search:
     """One step of every task in a chunk: task i uses ``bank[bank_index[i]]`` (f32[n, H, W, C])."""
     def logits_fn(images):
         return module.apply(variables, images, train=False)
 
-    return jax.vmap(lambda i, t, s, k: search_step(logits_fn, bank[i], t, s, k, config))(
+    return jax.vmap(lambda i, t, s, k: search_step(logits_fn, bank[i], t, s, k, config, position))(
         bank_index, targets, state, step_keys)
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _chunk_epoch_end(state, config: ReverseConfig) -> _Search:
+    return jax.vmap(lambda s: search_epoch_end(s, config))(state)
 
 
 def _reverse_chunk(module, variables, bank, bank_index, targets, keys, config: ReverseConfig) -> Reversed:
     """All steps of a chunk of tasks: one compiled step, driven from Python (see the module notes)."""
     state, step_keys = _chunk_start(tuple(bank.shape[2:]), config, keys)
-    for s in range(config.steps):
-        state = _chunk_step(module, variables, bank, bank_index, targets, state, step_keys[:, s], config)
+    if config.schedule == "step":
+        for s in range(config.steps):
+            state = _chunk_step(module, variables, bank, bank_index, targets, state, step_keys[:, s], config)
+        return state.best
+    per_epoch = -(-bank.shape[1] // min(config.batch_size, bank.shape[1]))
+    for epoch in range(config.epochs):
+        for position in range(per_epoch):
+            state = _chunk_step(module, variables, bank, bank_index, targets, state, step_keys[:, epoch], config,
+                                jnp.int32(position))
+        state = _chunk_epoch_end(state, config)
+        if bool(np.all(np.asarray(state.stopped))):
+            break
     return state.best
 
 
@@ -359,15 +499,25 @@ def ordered_pairs(num_classes: int, sources=None) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- MAD
-def mad_scores(statistics, consistency: float = 1.0) -> np.ndarray:
+def median_of(x, median: str = "midpoint") -> float:
+    """The median of f[N]: "midpoint" (NumPy's, the mean of the two middle values when N is
+    even) or "lower" (``torch.median``'s, the lower of the two, as BackdoorBench's NC uses)."""
+    if median not in MEDIANS:
+        raise ValueError(f"median must be one of {MEDIANS}, got {median!r}")
+    x = np.asarray(x, np.float64)
+    return float(np.median(x)) if median == "midpoint" else float(np.sort(x)[(x.size - 1) // 2])
+
+
+def mad_scores(statistics, consistency: float = 1.0, median: str = "midpoint") -> np.ndarray:
     """Signed anomaly scores (x − median) / (consistency · MAD) of f[N] statistics.
 
-    MAD = median |x − median| (Hampel 1974). Neural Cleanse uses consistency 1.4826 (the
+    MAD = median |x − median| (Hampel 1974), both medians by the ``median`` convention
+    (``median_of``; the two agree for odd N). Neural Cleanse uses consistency 1.4826 (the
     normal-consistency constant); the BNA paper divides by the MAD itself (appendix 8).
     """
     x = np.asarray(statistics, np.float64)
     if x.ndim != 1 or x.size < 2:
         raise ValueError(f"MAD needs a 1-D array of at least 2 statistics, got shape {x.shape}")
-    median = np.median(x)
-    mad = consistency * np.median(np.abs(x - median))
-    return (x - median) / max(mad, 1e-12)
+    center = median_of(x, median)
+    mad = consistency * median_of(np.abs(x - center), median)
+    return (x - center) / max(mad, 1e-12)
