@@ -103,6 +103,24 @@ def layer_outputs(module, variables, images, paths: Iterable[Path]) -> dict[Path
     return captured
 
 
+def layer_inputs(module, variables, images, paths: Iterable[Path]) -> dict[Path, jax.Array]:
+    """Eval-mode inputs (first argument) of the given module paths, e.g. the pooled features
+    f32[N, F] that reach ``("classifier",)``."""
+    wanted, captured = set(paths), {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and context.module.path in wanted:
+            captured[context.module.path] = args[0]
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+        module.apply(variables, images, train=False)
+    missing = wanted - set(captured)
+    if missing:
+        raise KeyError(f"layers {sorted('/'.join(p) for p in missing)} were never called")
+    return captured
+
+
 def unit_outputs(module, variables, images, units: Iterable[ConvUnit] | None = None):
     """Post-BN (pre-activation) channel outputs of conv units, keyed by unit name."""
     units = tuple(module.conv_units() if units is None else units)

@@ -36,7 +36,7 @@ def test_fp_pruning_curve_equals_evaluating_each_pruned_model(tiny_model, random
 
 def test_fp_prunes_while_the_validation_drop_stays_below_the_limit(tiny_model, random_dataset):
     module, variables = tiny_model("small-bn")
-    config = fine_pruning.FinePruningConfig(max_acc_drop=0.1, val_fraction=0.5,
+    config = fine_pruning.FinePruningConfig(max_acc_drop=0.1, val_fraction=0.5, layer="last_conv", relative_drop=False,
                                             finetune=FinetuneConfig(epochs=1, batch_size=10))
     result = fine_pruning.fine_pruning(module, variables, random_dataset, jax.random.key(0), config)
     info, curve = result.info, result.info["curve"]
@@ -47,6 +47,45 @@ def test_fp_prunes_while_the_validation_drop_stays_below_the_limit(tiny_model, r
     unit = fine_pruning.last_conv_unit(module)
     bn = get_path(result.variables["params"], unit.bn)
     assert np.all(np.asarray(bn["scale"])[info["pruned"]] == 0) and np.all(np.asarray(bn["bias"])[info["pruned"]] == 0)
+
+
+def test_fp_ranks_the_pooled_features_that_feed_the_classifier(tiny_model, images):
+    """BackdoorBench's FP hooks the input of the last layer: in a ResNet the last block's output
+    after the residual addition and the ReLU, averaged over space."""
+    module, variables = tiny_model("resnet20")
+    last_block = module._blocks()[-1][0]
+    block_out = surgery.layer_outputs(module, variables, images, [(last_block,)])[(last_block,)]
+    np.testing.assert_allclose(fine_pruning.feature_activation(module, variables, images),
+                               np.asarray(block_out).mean(axis=(0, 1, 2)), rtol=1e-5, atol=1e-6)
+    assert fine_pruning.FinePruningConfig().layer == "features"
+
+
+def test_zeroing_the_last_conv_bn_does_not_silence_a_residual_block_but_pruning_features_does(tiny_model, images):
+    module, variables = tiny_model("resnet20")
+    unit = fine_pruning.last_conv_unit(module)
+    every = list(range(int(surgery.get_path(variables["params"], unit.bn)["scale"].shape[0])))
+    silenced_bn = fine_pruning.prune_channels(variables, unit, every)
+    features = fine_pruning.feature_activation(module, silenced_bn, images)
+    assert float(np.max(features)) > 0.0  # the shortcut still carries the block's input
+    head = surgery.get_path(variables["params"], fine_pruning.CLASSIFIER)
+    pruned = fine_pruning.prune_features(variables, list(range(head["kernel"].shape[0])))
+    logits = module.apply(pruned, images)
+    np.testing.assert_allclose(logits, np.broadcast_to(head["bias"], logits.shape), atol=1e-6)
+
+
+def test_fp_on_features_stops_before_a_relative_drop_of_ten_percent(tiny_model, random_dataset):
+    module, variables = tiny_model("resnet20")
+    config = fine_pruning.FinePruningConfig(val_fraction=0.5, finetune=FinetuneConfig(epochs=1, batch_size=10))
+    result = fine_pruning.fine_pruning(module, variables, random_dataset, jax.random.key(0), config)
+    info, curve = result.info, result.info["curve"]
+    count = info["pruned_count"]
+    assert info["unit"].startswith("classifier")
+    assert np.all((curve[0] - curve[:count + 1]) / curve[0] < 0.1)
+    assert count == len(curve) - 1 or (curve[0] - curve[count + 1]) / curve[0] >= 0.1
+    kernel = np.asarray(get_path(result.variables["params"], fine_pruning.CLASSIFIER)["kernel"])
+    assert np.all(kernel[info["pruned"]] == 0)
+    assert fine_pruning.pruned_count(np.array([0.5, 0.48, 0.46, 0.44]), 0.1) == 2  # 0.06 / 0.5 = 12% at k = 3
+    assert fine_pruning.pruned_count(np.array([0.5, 0.48, 0.46, 0.44]), 0.1, relative=False) == 3
 
 
 def test_rnp_prunes_gamma_of_neurons_with_mask_below_threshold(tiny_model):

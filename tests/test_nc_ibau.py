@@ -31,7 +31,7 @@ def test_anomaly_index_takes_the_lower_median_as_backdoorbench():
     [9, 1, 0, 1, 2, 19], lower median 1 -> index of label 0 = 9 / 1.4826 = 6.07; NumPy's
     midpoint: median 11.5, MAD median of [9.5, 1.5, 0.5, 0.5, 1.5, 18.5] = 1.5 -> 4.27."""
     norms = np.array([2.0, 10.0, 11.0, 12.0, 13.0, 30.0])
-    index, infected = neural_cleanse.infected_labels(norms)
+    index, _ = neural_cleanse.infected_labels(norms)
     np.testing.assert_allclose(index[0], 9.0 / 1.4826)
     midpoint, _ = neural_cleanse.infected_labels(norms, median="midpoint")
     np.testing.assert_allclose(midpoint[0], 9.5 / (1.4826 * 1.5))
@@ -70,7 +70,7 @@ def test_epoch_schedule_moves_the_cost_once_per_patience_epochs_not_steps():
     for epoch in range(5):
         for position in range(2):  # 4 images, batch 2
             state = reverse_engineer.search_step(logits_fn, images, 1, state, jax.random.key(epoch), config, position)
-            assert float(state.cost) == pytest.approx(1e-3 * (1.0 if epoch < 4 else 1.0))
+            assert float(state.cost) == pytest.approx(1e-3)
         state = reverse_engineer.search_epoch_end(state, config)
         assert float(state.cost) == pytest.approx(1e-3 * (2.0 if epoch == 4 else 1.0))
         assert bool(state.best.reached)

@@ -248,7 +248,7 @@ def _init_params(key, image_shape, kind: str, init: str = "small"):
         low, high = (0.02, 0.98) if init == "small" else (0.0, 1.0)
         pattern = jax.random.uniform(pattern_key, (height, width, channels), minval=low, maxval=high)
         # tanh⁻¹ of the draws; the official code keeps 0 and 1 finite the same way (its K.epsilon()).
-        inverse = lambda v: jnp.arctanh(jnp.clip(2.0 * v - 1.0, -1.0 + 1e-6, 1.0 - 1e-6))  # noqa: E731
+        inverse = lambda v: jnp.arctanh(jnp.clip(2.0 * v - 1.0, -1.0 + 1e-6, 1.0 - 1e-6))
         return {"mask": inverse(mask), "pattern": inverse(pattern)}
     return {"delta": jnp.zeros((height, width, channels), jnp.float32)}
 
