@@ -108,7 +108,9 @@ def test_masked_params_match_noisy_batch_norm_formula(tiny_model, images):
     np.testing.assert_allclose(noisy, (np.asarray(out) - beta) * (m + d) + beta * (1 + x), rtol=1e-4, atol=1e-5)
 
 
-def test_adversarial_noise_is_a_clipped_sign_ascent_step_from_a_uniform_start():
+def test_adversarial_noise_is_an_unclipped_sign_ascent_step_from_a_uniform_start():
+    """As the official ANP code (SGD on the noise with lr eps / steps, no projection): one step
+    from a uniform start in [−eps, eps] can reach 2 eps; ``clip=True`` is the projected PGD."""
     target = {"a": jnp.array([0.3, -0.2, 0.0]), "b": jnp.array([[0.1, -0.1]])}
 
     def loss(noise):  # grows as the noise moves away from target
@@ -117,13 +119,41 @@ def test_adversarial_noise_is_a_clipped_sign_ascent_step_from_a_uniform_start():
     key, eps = jax.random.key(1), 0.4
     start = anp.adversarial_noise(loss, target, key, eps, steps=0)
     one_step = anp.adversarial_noise(loss, target, key, eps, steps=1)
+    clipped = anp.adversarial_noise(loss, target, key, eps, steps=1, clip=True)
     for k, t in target.items():
         n0, t = np.asarray(start[k]), np.asarray(t)
         assert np.all(np.abs(n0) <= eps)
-        np.testing.assert_allclose(one_step[k], np.clip(n0 + eps * np.sign(n0 - t), -eps, eps), rtol=1e-6)
+        np.testing.assert_allclose(one_step[k], n0 + eps * np.sign(n0 - t), rtol=1e-6)
+        np.testing.assert_allclose(clipped[k], np.clip(n0 + eps * np.sign(n0 - t), -eps, eps), rtol=1e-6)
+    reach = np.concatenate([np.abs(np.asarray(x)).ravel() for x in jax.tree_util.tree_leaves(one_step)])
+    assert reach.max() > eps and reach.max() <= 2 * eps + 1e-6
     several = anp.adversarial_noise(loss, target, key, eps, steps=4)
-    assert all(np.all(np.abs(np.asarray(x)) <= eps) for x in jax.tree_util.tree_leaves(several))
+    assert all(np.all(np.abs(np.asarray(x)) <= 2 * eps + 1e-6) for x in jax.tree_util.tree_leaves(several))
     assert float(loss(several)) >= float(loss(start))
+    assert anp.AnpConfig().clip_noise is False
+
+
+def test_anp_perturbed_forward_uses_the_two_pass_batch_variance():
+    """Far from zero, Flax's fast variance E[x²] − (E x)² loses the variance to cancellation in
+    float32; the interceptor ANP learns masks under gives nn.BatchNorm(use_fast_variance=False)'s
+    (PyTorch's two-pass) result, with the same parameters, and leaves eval mode alone."""
+    x = 300.0 + jax.random.normal(jax.random.key(0), (64, 4, 4, 3)) * 0.05
+    fast = anp.nn.BatchNorm(use_running_average=False, epsilon=1e-5)
+    exact = anp.nn.BatchNorm(use_running_average=False, epsilon=1e-5, use_fast_variance=False)
+    variables = fast.init(jax.random.key(1), x)
+    params = {"params": {"scale": jnp.array([1.0, 2.0, 0.5]), "bias": jnp.array([0.1, -0.2, 0.3])},
+              "batch_stats": variables["batch_stats"]}
+    reference, _ = exact.apply(params, x, mutable=["batch_stats"])
+    with anp.nn.intercept_methods(anp.two_pass_batch_norm):
+        intercepted, _ = fast.apply(params, x, mutable=["batch_stats"])
+    default, _ = fast.apply(params, x, mutable=["batch_stats"])
+    np.testing.assert_allclose(intercepted, reference, rtol=1e-4, atol=1e-4)
+    assert float(jnp.max(jnp.abs(default - reference))) > 100 * float(jnp.max(jnp.abs(intercepted - reference)))
+    eval_mode = anp.nn.BatchNorm(use_running_average=True)
+    plain = eval_mode.apply(params, x)
+    with anp.nn.intercept_methods(anp.two_pass_batch_norm):
+        np.testing.assert_array_equal(eval_mode.apply(params, x), plain)
+    assert anp.AnpConfig().exact_batch_variance
 
 
 def test_learned_masks_stay_in_unit_interval(anp_result):

@@ -11,15 +11,25 @@ draws (δ, ξ) uniformly, takes a sign-gradient ascent step of the clean cross-e
 them, then moves the masks down α · L(m) + (1 − α) · L(m + δ, ξ). Neurons whose mask ends
 below a threshold have γ zeroed (ANP prunes the scale only, which is what m_k = 0 means).
 
+As in the official code (and BackdoorBench's ``defense/anp.py``), the ascent step of size
+eps / steps is *not* clipped back into [−eps, eps]: after one step from a uniform start the
+perturbation lies in [−2 eps, 2 eps] (``AnpConfig.clip_noise`` restores the clipped L∞ PGD).
+The train-mode BatchNorm of the mask optimisation computes the batch variance in two passes,
+E[(x − E x)²], as PyTorch does; Flax's default E[x²] − (E x)² (``use_fast_variance``) makes
+the mask gradient several times less accurate (issue 31). Only this optimisation is
+affected: the trained model and its eval-mode inference are not (``exact_batch_variance``).
+
 BackdoorBench's ANP picks that threshold by looking at test ASR; here it is either fixed or
 chosen on a held-out part of the defender's clean set (``AnpConfig.threshold``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,6 +63,10 @@ class AnpConfig:
     thresholds: the official pruning script's grid, 0.05 ... 0.90 in steps of 0.05.
     max_acc_drop: 0.1, the clean-accuracy budget of fine-pruning's stopping rule (as
         BackdoorBench's FP); not from ANP, which has no clean-data rule.
+    clip_noise: False (the official code): the perturbation after the ascent steps is not
+        clipped back into [−eps, eps]. True: bdjax's earlier clipped PGD.
+    exact_batch_variance: True: two-pass batch variance in the train-mode BatchNorm while
+        masks are learned (PyTorch's); False: Flax's fast E[x²] − (E x)².
     """
 
     eps: float = 0.4
@@ -68,6 +82,8 @@ class AnpConfig:
     thresholds: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 19))
     val_fraction: float = 0.5
     max_acc_drop: float = 0.1
+    clip_noise: bool = False
+    exact_batch_variance: bool = True
 
     def __post_init__(self):
         if self.eps < 0 or self.steps < 1 or self.iterations < 0 or self.batch_size < 1:
@@ -93,26 +109,49 @@ def masked_params(params, units: tuple[ConvUnit, ...], masks: Masks, scale_noise
     return params
 
 
-def _logits(module, params, batch_stats, images, batch_statistics: bool):
+def two_pass_batch_norm(next_fun, args, kwargs, context):
+    """A ``flax.linen.intercept_methods`` interceptor: every train-mode ``nn.BatchNorm`` (over
+    the last axis) normalises with the two-pass batch variance E[(x − E x)²], as PyTorch, in
+    place of Flax's E[x²] − (E x)². It does not update running statistics (ANP drops them)."""
+    bn = context.module
+    if (not isinstance(bn, nn.BatchNorm) or context.method_name != "__call__" or bn.use_running_average
+            or bn.axis != -1 or kwargs.get("use_running_average") or len(args) != 1):
+        return next_fun(*args, **kwargs)
+    x = args[0]
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(x, axes, keepdims=True)
+    variance = jnp.mean(jnp.square(x - mean), axes, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(variance + bn.epsilon)
+    if bn.use_scale:
+        y = y * bn.get_variable("params", "scale").reshape(mean.shape)
+    if bn.use_bias:
+        y = y + bn.get_variable("params", "bias").reshape(mean.shape)
+    return y
+
+
+def _logits(module, params, batch_stats, images, batch_statistics: bool, exact_variance: bool = True):
     variables = {"params": params, "batch_stats": batch_stats}
     if batch_statistics:
         # Running statistics are not kept: pruning edits the original model.
-        logits, _ = module.apply(variables, images, train=True, mutable=["batch_stats"])
+        with nn.intercept_methods(two_pass_batch_norm) if exact_variance else contextlib.nullcontext():
+            logits, _ = module.apply(variables, images, train=True, mutable=["batch_stats"])
         return logits
     return module.apply(variables, images, train=False)
 
 
-def adversarial_noise(loss_fn, like, key, eps: float, steps: int = 1):
+def adversarial_noise(loss_fn, like, key, eps: float, steps: int = 1, clip: bool = False):
     """A perturbation of the shape of pytree ``like`` that (approximately) maximises
-    ``loss_fn`` within [−eps, eps]: uniform start, then ``steps`` sign-gradient ascent steps
-    of size eps / steps, each clipped back into the box (ANP's step 1, an L∞ PGD)."""
+    ``loss_fn``: uniform start in [−eps, eps], then ``steps`` sign-gradient ascent steps of
+    size eps / steps (ANP's step 1). As the official code, the steps are not clipped, so
+    the result lies in [−2 eps, 2 eps]; ``clip`` projects each step back into [−eps, eps]."""
     leaves, tree = jax.tree_util.tree_flatten(like)
     keys = jax.random.split(key, len(leaves))
     noise = jax.tree_util.tree_unflatten(tree, [jax.random.uniform(k, jnp.shape(x), minval=-eps, maxval=eps)
                                                 for k, x in zip(keys, leaves)])
+    bound = eps if clip else jnp.inf
     for _ in range(steps):
         grads = jax.grad(loss_fn)(noise)
-        noise = jax.tree_util.tree_map(lambda n, g: jnp.clip(n + eps / steps * jnp.sign(g), -eps, eps),
+        noise = jax.tree_util.tree_map(lambda n, g: jnp.clip(n + eps / steps * jnp.sign(g), -bound, bound),
                                        noise, grads)
     return jax.lax.stop_gradient(noise)
 
@@ -132,7 +171,7 @@ def learn_masks(params, batch_stats, images, labels, key, *, module, units: tupl
 
     def loss(masks, scale_noise, bias_noise, x, y):
         return cross_entropy(_logits(module, masked_params(params, units, masks, scale_noise, bias_noise),
-                                     batch_stats, x, config.batch_statistics), y)
+                                     batch_stats, x, config.batch_statistics, config.exact_batch_variance), y)
 
     def iteration(carry, key):
         masks, opt_state = carry
@@ -140,9 +179,9 @@ def learn_masks(params, batch_stats, images, labels, key, *, module, units: tupl
         index = jax.random.permutation(batch_key, count)[:batch]
         x = augment(augment_key, images[index], config.crop_padding, flip)
         y = labels[index]
-        # Step 1: the worst perturbation in the eps-box, from a uniform start.
+        # Step 1: the worst perturbation from a uniform start in the eps-box (unclipped: up to 2 eps).
         noise = adversarial_noise(lambda noise: loss(masks, *noise, x, y), (masks, masks), noise_key,
-                                  config.eps, config.steps)
+                                  config.eps, config.steps, config.clip_noise)
 
         # Step 2: masks down α · natural + (1 − α) · robust loss, then back into [0, 1].
         def mask_loss(masks):
