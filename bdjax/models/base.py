@@ -44,6 +44,11 @@ class ConvUnit:
 
 
 # BatchNorm as in PyTorch (momentum 0.1 there == 0.9 here, eps 1e-5), so numbers compare.
+# Known differences, kept on purpose (trained zoo models depend on them): the running variance
+# averages the biased batch variance (PyTorch's the unbiased one, larger by n / (n - 1)), and
+# train-mode variance is Flax's fast E[x²] − (E x)² (PyTorch's is two-pass; ANP, whose masks
+# are learned in train mode, switches to two-pass: ``anp.two_pass_batch_norm``). Eval-mode
+# inference uses the running statistics and is unaffected by the second.
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 
