@@ -17,6 +17,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from bdjax import progress
+
 
 def _traced(tree) -> bool:
     return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(tree))
@@ -38,10 +40,17 @@ def scan(step, carry, xs=None, length: int | None = None):
     if leaves and length is not None and length != count:
         raise ValueError(f"length {length} does not match xs' leading axis {count}")
     compiled = jax.jit(step)
+    # Named after the step's module and function, e.g. "anp: iteration 120/2000, 31 s, ETA 486 s".
+    where = getattr(step, "__module__", "").rsplit(".", 1)[-1]
+    steps = progress.Steps(f"{where}: {getattr(step, '__name__', 'step')}", count)
+    wait = progress.shown()  # else JAX dispatches every step at once and the times say nothing
     ys = []
     for i in range(count):
         carry, y = compiled(carry, None if xs is None else jax.tree_util.tree_map(lambda x: x[i], xs))
         ys.append(y)
+        if wait:
+            jax.block_until_ready(carry)
+        steps.done()
     if ys:
         return carry, jax.tree_util.tree_map(lambda *y: jnp.stack(y), *ys)
     one = None if xs is None else jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), xs)

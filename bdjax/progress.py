@@ -26,22 +26,29 @@ def stage(what: str):
 
 
 class Steps:
-    """A loop of ``total`` items: call ``done()`` after each; reports ``what 3/10, 12 s, ETA 28 s``
-    after the first item and then at most every ``every`` seconds (and after the last)."""
+    """A loop of ``total`` items: call ``done()`` after each. Reports ``what 3/10, 12 s, ETA 28 s``
+    every ``every`` seconds, and after the last item if it reported before: a short loop says nothing."""
 
     def __init__(self, what: str, total: int, every: float = 10.0):
         self.what, self.total, self.every = what, total, every
         self.count = 0
         self.started = self.reported = time.perf_counter()
+        self.spoke = False
 
     def done(self, count: int = 1):
+        """``count`` more items finished (call it once their results are ready)."""
         self.count += count
         now = time.perf_counter()
-        if self.count in (count, self.total) or now - self.reported >= self.every:
+        if now - self.reported >= self.every or (self.spoke and self.count >= self.total):
             elapsed = now - self.started
-            eta = elapsed / self.count * (self.total - self.count)
+            eta = elapsed / self.count * max(self.total - self.count, 0)
             LOGGER.info("%s %d/%d, %.0f s, ETA %.0f s", self.what, self.count, self.total, elapsed, eta)
-            self.reported = now
+            self.reported, self.spoke = now, True
+
+
+def shown() -> bool:
+    """Whether progress is shown (a loop then waits for each step's result, so that its times are real)."""
+    return LOGGER.isEnabledFor(logging.INFO)
 
 
 def show_on_stderr(enabled: bool = True):

@@ -95,3 +95,21 @@ def test_the_second_run_reads_compiled_programs_from_the_persistent_cache(gtsrb_
     assert sorted(p.name for p in cache.iterdir()) == entries  # nothing new to compile
     off = _python(command.replace(repr(str(cache)), "'off'"), BDJAX_COMPILATION_CACHE="")
     assert off.returncode == 0, off.stderr
+
+
+def test_a_long_loop_reports_its_progress_with_an_eta_and_a_short_one_says_nothing(caplog, monkeypatch):
+    from bdjax import progress
+    clock = iter([0.0, 1.0, 2.0, 15.0, 16.0, 30.0])
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    with caplog.at_level("INFO", logger="bdjax"):
+        steps = progress.Steps("search", 4)  # starts at t = 0
+        for _ in range(4):
+            steps.done()  # t = 1, 2, 15 (reports), 16 (the last: reports)
+    assert [r.getMessage() for r in caplog.records] == ["search 3/4, 15 s, ETA 5 s", "search 4/4, 16 s, ETA 0 s"]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="bdjax"):
+        short = progress.Steps("short", 2)  # t = 30
+        monkeypatch.setattr(progress.time, "perf_counter", lambda: 31.0)
+        short.done()
+        short.done()
+    assert caplog.records == []
