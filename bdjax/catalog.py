@@ -9,8 +9,8 @@ attacks ``bdjax.attacks.ATTACKS``, recipes ``bdjax.recipes.RECIPES``, defenses
 
 DATASET_NAMES = ("gtsrb", "cifar10", "cifar100")
 MODEL_NAMES = ("resnet20", "resnet32", "resnet56", "resnet18", "preact-resnet18", "preact-resnet18-backdoorbench",
-               "vgg11-bn", "vgg16-bn", "mobilenet-v2", "small", "small-bn", "medium", "medium-bn", "large",
-               "large-bn")
+               "vgg11-bn", "vgg16-bn", "mobilenet-v2", "mobilenet-v2-torchvision", "small", "small-bn", "medium",
+               "medium-bn", "large", "large-bn")
 ATTACK_NAMES = ("badnets", "blended", "cb", "multi-patch", "random-size-patch", "sig", "sp", "trojan", "wanet")
 RECIPE_NAMES = ("backdoorbench", "default", "thesis")
 DEFENSE_NAMES = ("abs", "anp", "bna", "cetf", "cetf+bn-clean", "cetf+bn-unlearn", "cetf+unlearn", "clp", "fp",

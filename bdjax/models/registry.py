@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from bdjax.data.dataset import DatasetInfo
-from bdjax.models.mobilenet import mobilenet_v2
+from bdjax.models.mobilenet import mobilenet_v2, mobilenet_v2_torchvision
 from bdjax.models.preact_resnet import preact_resnet18
 from bdjax.models.resnet import resnet18, resnet_cifar
 from bdjax.models.thesis import conv_pool_net
@@ -24,6 +24,7 @@ BUILDERS = {
     "vgg11-bn": functools.partial(vgg_bn, 11),
     "vgg16-bn": functools.partial(vgg_bn, 16),
     "mobilenet-v2": mobilenet_v2,
+    "mobilenet-v2-torchvision": mobilenet_v2_torchvision,
     "small": functools.partial(conv_pool_net, "small", use_bn=False),
     "small-bn": functools.partial(conv_pool_net, "small", use_bn=True),
     "medium": functools.partial(conv_pool_net, "medium", use_bn=False),
