@@ -34,7 +34,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from bdjax import checkpoint, defenses, sharding
+from bdjax import checkpoint, defenses, progress, sharding
 from bdjax.evaluation import evaluate, evaluate_model, evaluate_stacked, model_classifier
 from bdjax.runs import split_for_defense
 
@@ -168,12 +168,16 @@ def _sequential(run, cell: Cell, clean, key, config) -> tuple[list, list]:
     """Each setting as its own call of the registered defense. Returns (variables, classifiers)."""
     spec = defenses.get(cell.defense)
     outputs, classifiers = [], []
+    steps = progress.Steps(f"{cell.id}: setting", len(cell.settings))
     for setting in cell.settings:
         fields = {k: v for k, v in setting.items() if k != "seed"}
         setting_key = jax.random.fold_in(key, setting["seed"]) if "seed" in setting else key
         result = spec.fn(run.module, run.variables, clean, setting_key, dataclasses.replace(config, **fields))
         outputs.append(result.variables)
         classifiers.append(result.classifier)
+        if progress.shown():
+            jax.block_until_ready(result.variables)
+        steps.done()
     return outputs, classifiers
 
 
