@@ -2,9 +2,10 @@
 
 Output contract (other tools parse it): ``eval --json`` prints one object with ``acc``,
 ``asr``, ``sia``; ``defend --json`` prints ``{"method", "before", "after", "seconds",
-"der", "defense_size", "eval_size", "found", "changed"}`` (detectors add ``tpr``/``fpr`` to
-``after``; ``found`` is ``bdjax.defenses.findings.summarize`` of the defense's info,
-``changed`` the number of model values that moved and their total). Fractions are in [0, 1];
+"der", "defense_size", "eval_size", "found", "changed", "no_op"}`` (detectors add
+``tpr``/``fpr`` to ``after``; ``found`` is ``bdjax.defenses.findings.summarize`` of the
+defense's info, ``changed`` the number of model values that moved and their total, ``no_op``
+true when the defense returned the model unchanged and no test-time rule). Fractions are in [0, 1];
 a rate that does not exist (a clean model's ASR) is ``null``. The output is strict JSON (no NaN).
 Progress goes to stderr (``--quiet``: none), so stdout holds only the result.
 A user error (a bad flag, a missing file, an existing run as ``--out``) ends in one line on
