@@ -5,7 +5,8 @@ A run directory holds
 - ``variables.npz``: every leaf of ``variables`` under its '/'-joined path
   (``params/stage1_0/conv1/kernel``), and the attack's arrays under ``attack/<field>``;
 - ``record.json``: dataset, model name, attack (name + static fields), target map, poison
-  rate, seed, training config, metrics, the SHA-256 of ``variables.npz`` and the SHA-256 of
+  rate, seed, training config, metrics, optionally the input normalisation of an imported
+  model (``input_normalization``), the SHA-256 of ``variables.npz`` and the SHA-256 of
   the record itself (``record_sha256``, of its canonical JSON without that field).
 
 A save writes the whole run into a hidden sibling folder, flushes it to disk and swaps it in
@@ -48,6 +49,9 @@ RECORD_FILE = "record.json"
 TRAINING_DIR = "training"
 TRAINING_META = "state.json"
 RECORD_HASH_FIELD = "record_sha256"
+# Optional record entry {"mean": [...], "std": [...]}: the model normalises its [0, 1] inputs
+# with these statistics instead of the dataset's (a model imported from another framework).
+INPUT_NORMALIZATION = "input_normalization"
 
 log = logging.getLogger(__name__)
 
@@ -339,6 +343,8 @@ def load(run_dir) -> Run:
     if record["dataset"] not in INFOS:
         raise CheckpointError(f"record names unknown dataset {record['dataset']!r}")
     info = INFOS[record["dataset"]]
+    if record.get(INPUT_NORMALIZATION):
+        info = _with_normalization(info, record[INPUT_NORMALIZATION], run_dir / RECORD_FILE)
     try:
         module = models.create(record["model"], info)
     except ValueError as err:
@@ -402,6 +408,19 @@ def load_training_state(directory, template):
                                        for a, b in zip(leaves, want)):
         raise CheckpointError(f"training state in {directory} does not fit this model and optimiser")
     return jax.tree_util.tree_unflatten(treedef, [jax.numpy.asarray(x) for x in leaves]), meta
+
+
+def _with_normalization(info, normalization, path):
+    """``info`` with the channel statistics an imported model's inputs were normalised with."""
+    try:
+        mean, std = (tuple(float(v) for v in normalization[k]) for k in ("mean", "std"))
+    except (TypeError, KeyError, ValueError):
+        raise CheckpointError(f"{path}: {INPUT_NORMALIZATION} must hold 'mean' and 'std' lists") from None
+    channels = info.image_shape[-1]
+    if len(mean) != channels or len(std) != channels or min(std) <= 0:
+        raise CheckpointError(f"{path}: {INPUT_NORMALIZATION} needs {channels} means and {channels} "
+                              f"positive stds, got {list(mean)} / {list(std)}")
+    return dataclasses.replace(info, mean=mean, std=std)
 
 
 def _check_structure(module, variables, record, path):

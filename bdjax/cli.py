@@ -434,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a sha256sum-format file of paths relative to the data folder (default: its SHA256SUMS)")
     _add_data_dir(p)
     p.set_defaults(func=cmd_data_verify)
+
+    from bdjax.interop.cli import add_parsers as add_torch_parsers  # import-torch, export-torch; JAX- and torch-free
+    add_torch_parsers(sub)
     return parser
 
 
