@@ -9,6 +9,7 @@ The CLI, the experiments and the tests all call these two functions.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import math
 import shutil
 import time
@@ -193,6 +194,9 @@ def train_runs(specs: list[RunSpec], outs: list, data_dir=None, progress: bool =
     if vectorise is None:
         vectorise = jax.default_backend() != "cpu"
     config = spec.train_config()
+    note = recipes.few_steps_note(config, len(train_set))
+    if note and progress:
+        print(note, file=sys.stderr, flush=True)
     if vectorise:
         result = train_many(module, train_set, config, keys, progress=progress,
                             checkpoint_dir=outs[0] / checkpoint.TRAINING_DIR)

@@ -53,3 +53,11 @@ def test_a_legacy_record_with_sgd_at_the_thesis_rate_keeps_its_rate():
     legacy.update(epochs=15, batch_size=128, optimizer="sgd", learning_rate=1e-3, crop_padding=0)
     config = RunSpec.from_record(legacy).train_config()
     assert (config.optimizer, config.learning_rate) == ("sgd", 1e-3)
+
+
+def test_a_short_run_with_crops_gets_a_note_and_a_recipe_length_run_none():
+    config = recipes.get("default").train_config("gtsrb")
+    assert recipes.few_steps_note(config, 39209) is None  # 5 epochs of the full split
+    short = dataclasses.replace(config, epochs=3)
+    assert "564 optimizer steps" in recipes.few_steps_note(short, 12000)
+    assert recipes.few_steps_note(dataclasses.replace(short, crop_padding=0), 12000) is None
