@@ -136,7 +136,8 @@ def test_fp_removes_a_real_badnets_backdoor_and_rnp_removes_it_with_the_model(zo
     """The zoo's medium-bn, real GTSRB BadNets (ASR 0.995, ACC 0.894 on these 1,000 images), defaults
     (FP's fine-tuning cut to 10 epochs for the test's budget).
 
-    Measured: FP prunes 3 of 16 last-layer channels, ASR 0.995 -> 0.049, ACC 0.894 -> 0.756.
+    Measured: FP prunes 2 of 16 pooled features (BackdoorBench's layer; 3 BN channels of the last
+    conv before issue 31), ASR 0.995 -> 0.066, ACC 0.894 -> 0.712 (was 0.049 / 0.756).
     RNP unlearns to clean ACC 0.19 in 3 steps, then its recovery masks fall below 0.7 on 50 of
     160 BN neurons: ASR -> 0.0 but ACC -> 0.028 -- with 430 clean images RNP's defaults prune
     clean neurons too (the same on the 15,000-image run of experiments/results/tsbd_gtsrb.md)."""
