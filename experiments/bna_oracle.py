@@ -45,7 +45,7 @@ from bdjax.defenses import bna
 from bdjax.defenses.reverse_engineer import ReverseConfig, oracle_trigger
 from bdjax.runs import split_for_defense
 from bdjax.surgery import bn_units
-from bna_gtsrb import divergence_markdown
+from bna_tables import divergence_markdown
 
 ZOO_DIR = Path(__file__).resolve().parent / "zoo"
 

@@ -56,7 +56,7 @@ the commands, the settings and the papers' numbers.
 | TAC, ABS | 0 of 6 models repaired (the candidates are not the backdoor channels); TAC with the true trigger: small-bn BadNets ASR 0.954 → 0.008 | TAC pruning |
 | NC | GTSRB ResNet-20 BadNets: flags 14, 0.888 / 0.001; CIFAR-10 with 10 images per class: a target flagged on 2 of 8 backdoored models | BNA, Neural Cleanse and I-BAU |
 | I-BAU | GTSRB ResNet-20 BadNets: 0.882 / 0.131; CIFAR-10 with 10 per class: ASR stays ≥ 0.5 on 7 of 8 models; with 100 per class BadNets 0.120, SP 0.074 | BNA, Neural Cleanse and I-BAU |
-| BNA | with the attack's own trigger ASR < 0.2 on 7 of 9 ResNet-20s; the full defense (pair search + re-estimate, its cost held) CIFAR-10 BadNets 0.10-0.13, SP 0.04-0.09 | bna_gtsrb.md |
+| BNA | with the attack's own trigger ASR < 0.2 on 7 of 9 ResNet-20s; the full defense (pair search + re-estimate, its cost held) CIFAR-10 BadNets 0.10-0.13, SP 0.04-0.09 | bna_tables.md |
 | CETF | 30 + 30 inputs, GTSRB medium-bn BadNets: TPR 1.00, FPR 0.40, 38 s per image | CETF, STRIP and NEO |
 | STRIP | at 1% clean FPR: TPR 0.00 (the paper's blend) or 0.90 (clip(x + c)) | CETF, STRIP and NEO |
 | NEO | TPR 1.00, FPR 0.00 on the same inputs | CETF, STRIP and NEO |
@@ -67,8 +67,8 @@ DER = [max(0, ΔASR) − max(0, ΔACC) + 1] / 2 with Δ = before − after (0.5:
 """
 
 # Experiment files in reading order; any other results/*.md follows alphabetically.
-ORDER = ["cetf_gtsrb.md", "suspicion_table.md", "suspicion_cifar10.md", "suspicion_clp_gtsrb.md", "tac_gtsrb.md",
-         "bna_gtsrb.md", "tsbd_gtsrb.md", "sweep_benchmark.md", "defense_benchmark.md"]
+ORDER = ["cetf_tables.md", "suspicion_table.md", "suspicion_cifar10.md", "suspicion_clp_gtsrb.md", "tac_tables.md",
+         "bna_tables.md", "tsbd_tables.md", "sweep_benchmark.md", "defense_benchmark.md"]
 
 
 def demote(markdown: str) -> str:

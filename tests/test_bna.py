@@ -5,7 +5,7 @@ ResNet-20 GTSRB BadNets model takes the rule's ASR 0.998 -> 0.000 and SIA 0.001 
 ACC 0.849 -> 0.835. The pair search is tested on real data from one source class (heavy: ~6 CPU
 minutes); the full search is not (with sources 1-3, 126 pairs, 150 steps, it took 56 min and
 flagged targets 1, 2, 5, 7, 8 -- mostly speed-limit signs, like the sources -- beside 14; the rule
-then gave ACC 0.831, ASR 0.373, SIA 0.578: experiments/results/bna_gtsrb.md).
+then gave ACC 0.831, ASR 0.373, SIA 0.578: experiments/results/bna_tables.md).
 """
 
 from __future__ import annotations
@@ -324,7 +324,7 @@ def test_pair_search_flags_the_backdoor_pair_and_passes_a_clean_model_unchanged(
     same recipe without poison): every pair (13, t), 13 = yield sign, 60 steps of the NC mask
     objective on the 10 defense images of class 13, MAD threshold 7. Source 13 is not a
     speed-limit sign: between those a few pixels turn one into another and raise false targets
-    (experiments/results/bna_gtsrb.md). Measured 2026-12-01 (one core): backdoored, (13, 14) alone
+    (experiments/results/bna_tables.md). Measured 2026-12-01 (one core): backdoored, (13, 14) alone
     detected, MAD score 19.6 with ‖m‖₁ 6.9 (next (13, 5) 5.7, median ‖m‖₁ 35); clean, through
     ``bna.bna`` (its own split of the key), nothing (largest 4.7): 382 s for the test. 30 steps
     are too few: no mask has shrunk yet (‖m‖₁ > 100), nothing is detected on either model."""

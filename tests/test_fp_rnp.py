@@ -140,7 +140,7 @@ def test_fp_removes_a_real_badnets_backdoor_and_rnp_removes_it_with_the_model(zo
     conv before issue 31), ASR 0.995 -> 0.066, ACC 0.894 -> 0.712 (was 0.049 / 0.756).
     RNP unlearns to clean ACC 0.19 in 3 steps, then its recovery masks fall below 0.7 on 50 of
     160 BN neurons: ASR -> 0.0 but ACC -> 0.028 -- with 430 clean images RNP's defaults prune
-    clean neurons too (the same on the 15,000-image run of experiments/results/tsbd_gtsrb.md)."""
+    clean neurons too (the same on the 15,000-image run of experiments/results/tsbd_tables.md)."""
     run = zoo_badnets_run
     clean, sets = gtsrb_ten_per_class
     before = evaluate_model(run.module, run.variables, sets)

@@ -206,7 +206,7 @@ def test_strip_flags_badnets_inputs_by_their_low_entropy(badnets_inputs):
     result = strip.strip(run.module, run.variables, clean, jax.random.key(0), config)
     tpr, fpr = detection_rates(result.classifier, triggered, clean_inputs)
     # Measured (zoo model): TPR 1.0, FPR 0.20 — above the nominal 15%: the threshold is a
-    # quantile of only 86 clean entropies (experiments/results/cetf_gtsrb.md: FPR 0.07 on more inputs).
+    # quantile of only 86 clean entropies (experiments/results/cetf_tables.md: FPR 0.07 on more inputs).
     assert tpr >= 0.8 and fpr <= 0.35, (tpr, fpr, result.info["threshold"])
 
 

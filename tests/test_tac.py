@@ -240,7 +240,7 @@ def test_full_pipeline_finds_no_low_variance_candidate_on_the_5_epoch_badnets_mo
 @pytest.mark.realdata
 def test_full_pipeline_reconstructs_a_valid_trigger_and_pruning_lowers_asr_on_large_bn_blended(data_dir):
     """The whole thesis pipeline (no true trigger) where it works on our zoo: large-bn Blended
-    (experiments/zoo/large-bn-gtsrb-blended, ACC 0.94 / ASR 1.00; results/tac_gtsrb.md main
+    (experiments/zoo/large-bn-gtsrb-blended, ACC 0.94 / ASR 1.00; results/tac_tables.md main
     table). Its deepest output-variance candidate, a conv2 channel, gives an intermediate
     trigger into the attack's target 14 that reconstructs to a valid input-space trigger
     (ASR > 0.85, size < 0.25), and pruning its TAC outliers lowers the ASR. One candidate and

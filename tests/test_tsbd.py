@@ -217,7 +217,7 @@ def test_tsbd_removes_a_real_badnets_backdoor_and_keeps_clean_accuracy(zoo_badne
     Measured: ASR 0.995 -> 0.047, ACC 0.894 -> 0.680, DER 0.87 (stage 1 alone: ASR 0.995,
     ACC 0.884; unlearning reached clean ACC 0.08 in 64 steps; n = 1% chosen on clean validation
     data). With 430 clean images and 10 epochs, ACC is kept within 25 points, not within the
-    paper's ~1 point (5% clean data and 20 epochs: ACC 85.7 / ASR 0.5, experiments/results/tsbd_gtsrb.md)."""
+    paper's ~1 point (5% clean data and 20 epochs: ACC 85.7 / ASR 0.5, experiments/results/tsbd_tables.md)."""
     run = zoo_badnets_run
     clean, sets = gtsrb_ten_per_class
     before = evaluate_model(run.module, run.variables, sets)

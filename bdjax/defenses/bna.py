@@ -79,7 +79,7 @@ class BNAConfig:
     (None: ``reverse``, as in the paper). A whole ``ReverseConfig``: fields a dict leaves out
     take ReverseConfig's defaults, not ``reverse``'s (pass ``kind`` again for perturbations).
     E.g. ``{"cost_up": 1.0}`` holds NC's mask cost at ``init_cost`` instead of doubling it, so
-    the mask stops growing smaller once the sources flip (experiments/results/bna_gtsrb.md
+    the mask stops growing smaller once the sources flip (experiments/results/bna_tables.md
     measures both; ours, not the paper's).
     """
 

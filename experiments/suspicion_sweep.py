@@ -1,8 +1,8 @@
 """Suspiciousness-score pruning and CLP on the zoo's backdoored models, beside the paper.
 
-    python experiments/suspicion_gtsrb.py                      # every zoo run that exists
-    python experiments/suspicion_gtsrb.py --only resnet20-gtsrb-badnets --mus 3.5 3 2.5 2 1 --us 3 2 1.5
-    python experiments/suspicion_gtsrb.py --only resnet20-cifar10-badnets --heuristics all \
+    python experiments/suspicion_sweep.py                      # every zoo run that exists
+    python experiments/suspicion_sweep.py --only resnet20-gtsrb-badnets --mus 3.5 3 2.5 2 1 --us 3 2 1.5
+    python experiments/suspicion_sweep.py --only resnet20-cifar10-badnets --heuristics all \
         --mus 4 3.5 3 2.5 2 1.5 1 0.5 --json mu.json --plot mu.png   # Table III and Fig. 3
 
 Defense set: 1 clean test image per class (the paper's "one sample per label"; 43 for

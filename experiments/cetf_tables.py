@@ -1,7 +1,7 @@
 """CETF, STRIP and NEO as input filters, and CETF's BN repairs, on the zoo's GTSRB BadNets models.
 
-    python experiments/cetf_gtsrb.py                                   # medium-bn, 30 + 30 inputs
-    python experiments/cetf_gtsrb.py --only resnet20-gtsrb-badnets --inputs 10 --suspects 2
+    python experiments/cetf_tables.py                                   # medium-bn, 30 + 30 inputs
+    python experiments/cetf_tables.py --only resnet20-gtsrb-badnets --inputs 10 --suspects 2
 
 Per model (defender's clean set: 2 test images per class, the paper's setting; the rest of the
 test split is the evaluation set):
@@ -282,7 +282,7 @@ def main(argv=None):
     parser.add_argument("--triggers", type=int, nargs="+", default=[1],
                         help="detection: triggers pasted per input (the paper's multi-trigger setting: 2, 3)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "cetf_gtsrb.json"))
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "cetf_tables.json"))
     args = parser.parse_args(argv)
 
     results = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}

@@ -1,9 +1,9 @@
 """BNA, Neural Cleanse and I-BAU on the zoo's GTSRB models, beside the BNA paper's numbers.
 
-    python experiments/bna_gtsrb.py                                   # medium-bn BadNets + Blended
-    python experiments/bna_gtsrb.py --only medium-bn-gtsrb-badnets --sources 0 1 2 3 --steps 150
-    python experiments/bna_gtsrb.py --only --clean-run experiments/zoo/resnet20-gtsrb-clean --methods bna   # table 9 row
-    python experiments/bna_gtsrb.py --only resnet20-gtsrb-badnets --methods strip   # table 8's STRIP column
+    python experiments/bna_tables.py                                   # medium-bn BadNets + Blended
+    python experiments/bna_tables.py --only medium-bn-gtsrb-badnets --sources 0 1 2 3 --steps 150
+    python experiments/bna_tables.py --only --clean-run experiments/zoo/resnet20-gtsrb-clean --methods bna   # table 9 row
+    python experiments/bna_tables.py --only resnet20-gtsrb-badnets --methods strip   # table 8's STRIP column
 
 Defense set: 10 clean test images per class (the paper's table 3 setting); the rest of the
 test split (``--eval-limit`` of it) measures ACC / ASR / SIA. BNA's numbers use the paper's

@@ -1,9 +1,9 @@
 """TAC pruning (full pipeline and true-trigger oracle) and CLP on the zoo's GTSRB models,
 in the style of the thesis's table 5.4, with reconstruction MSE (table 5.6) and times (5.5).
 
-    python experiments/tac_gtsrb.py                                  # every GTSRB zoo run
-    python experiments/tac_gtsrb.py --only small-bn-gtsrb-badnets --original-epochs 1000
-    python experiments/tac_gtsrb.py --only small-bn-gtsrb-badnets --seeds 5   # table 5.4's means
+    python experiments/tac_tables.py                                  # every GTSRB zoo run
+    python experiments/tac_tables.py --only small-bn-gtsrb-badnets --original-epochs 1000
+    python experiments/tac_tables.py --only small-bn-gtsrb-badnets --seeds 5   # table 5.4's means
 
 Defense set: 1 clean test image per class (43, as the thesis); ACC / ASR on ``--eval-limit``
 other test images. Without ``--seeds``: the zoo's one model per architecture and attack, so
@@ -258,19 +258,19 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", type=int, default=None,
                         help="N models per recipe (model seeds 0..N-1, 0 = the zoo model); default json "
-                             "results/tac_gtsrb_seeds.json and the mean / k-of-N table")
+                             "results/tac_tables_seeds.json and the mean / k-of-N table")
     parser.add_argument("--vmap-seeds", action="store_true", default=None,
                         help="train the seed models in one vmapped program even on a CPU")
     parser.add_argument("--full", action="store_true",
                         help="with --seeds: the thesis's training recipe (all data, 15 epochs) for every seed")
-    parser.add_argument("--json", default=None, help="default results/tac_gtsrb.json (tac_gtsrb_seeds.json with --seeds)")
+    parser.add_argument("--json", default=None, help="default results/tac_tables.json (tac_tables_seeds.json with --seeds)")
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args(argv)
     if args.full and not args.seeds:
         raise SystemExit("--full needs --seeds N (the zoo holds only the CPU recipe's models)")
 
     (RESULTS / "tac_triggers").mkdir(parents=True, exist_ok=True)
-    path = Path(args.json or RESULTS / ("tac_gtsrb_seeds.json" if args.seeds else "tac_gtsrb.json"))
+    path = Path(args.json or RESULTS / ("tac_tables_seeds.json" if args.seeds else "tac_tables.json"))
     rows = json.loads(path.read_text()) if path.exists() else []
     if not args.table_only:
         for name in args.only:

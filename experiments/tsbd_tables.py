@@ -1,9 +1,9 @@
 """TSBD, FT, FP and RNP on the zoo's GTSRB (and CIFAR-10) models, beside the TSBD slides' Table 1.
 
-    python experiments/tsbd_gtsrb.py                                   # medium-bn BadNets + Blended, 5% and 1%
-    python experiments/tsbd_gtsrb.py --only resnet20-gtsrb-badnets --clean-per-class 15
-    python experiments/tsbd_gtsrb.py --only resnet20-cifar10-badnets --clean-per-class 50 10   # 5% / 1%
-    python experiments/tsbd_gtsrb.py --nwc medium-bn-gtsrb-badnets --methods   # only the NWC observation
+    python experiments/tsbd_tables.py                                   # medium-bn BadNets + Blended, 5% and 1%
+    python experiments/tsbd_tables.py --only resnet20-gtsrb-badnets --clean-per-class 15
+    python experiments/tsbd_tables.py --only resnet20-cifar10-badnets --clean-per-class 50 10   # 5% / 1%
+    python experiments/tsbd_tables.py --nwc medium-bn-gtsrb-badnets --methods   # only the NWC observation
 
 Defense sets: ``k`` clean test images per class (BackdoorBench gives 5% clean data:
 k = 15 -> 645 of the 12,630 GTSRB test images = 5.1%; k = 3 -> 129 = 1.0%; CIFAR-10: k = 50 -> 500
