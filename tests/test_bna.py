@@ -196,6 +196,22 @@ def test_reverse_engineering_shapes_and_statistic(tiny_model, random_dataset):
         reverse_engineer.reverse_engineer(module, variables, bank, [0, 1], [1], jax.random.key(0), FAST_SEARCH)
 
 
+def test_a_shown_trigger_search_reports_its_steps_and_finds_the_same_triggers(tiny_model, random_dataset,
+                                                                             caplog, monkeypatch):
+    from bdjax import progress
+    module, variables = tiny_model("medium-bn")
+    bank = reverse_engineer.class_bank(random_dataset, [0, 1])
+    config = dataclasses.replace(FAST_SEARCH, chunk_size=2)
+    silent = reverse_engineer.reverse_engineer(module, variables, bank, [0, 1, 1], [1, 0, 2], jax.random.key(0), config)
+    monkeypatch.setattr(progress.Steps.__init__, "__defaults__", (0.0,))  # report every step
+    with caplog.at_level("INFO", logger="bdjax"):
+        shown = reverse_engineer.reverse_engineer(module, variables, bank, [0, 1, 1], [1, 0, 2], jax.random.key(0),
+                                                  config)
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages and messages[-1].startswith("trigger search (3 task(s) in 2 chunk(s)): steps 6/6")
+    np.testing.assert_array_equal(shown.norm, silent.norm)
+
+
 # --------------------------------------------------------------------------- BN alignment
 def test_bn_alignment_moves_only_batch_stats_and_lowers_the_divergence(tiny_model, random_dataset):
     module, variables = tiny_model("small-bn")

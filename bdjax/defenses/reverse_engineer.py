@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from bdjax import attacks
+from bdjax import attacks, progress
 from bdjax.data.dataset import Dataset, to_float, to_uint8
 
 KINDS = ("patch", "perturbation")
@@ -423,18 +423,32 @@ def _chunk_epoch_end(state, config: ReverseConfig) -> _Search:
     return jax.vmap(lambda s: search_epoch_end(s, config))(state)
 
 
-def _reverse_chunk(module, variables, bank, bank_index, targets, keys, config: ReverseConfig) -> Reversed:
-    """All steps of a chunk of tasks: one compiled step, driven from Python (see the module notes)."""
+def _steps_per_epoch(bank, config: ReverseConfig) -> int:
+    return -(-bank.shape[1] // min(config.batch_size, bank.shape[1]))
+
+
+def _reverse_chunk(module, variables, bank, bank_index, targets, keys, config: ReverseConfig,
+                   tracker: progress.Steps | None = None) -> Reversed:
+    """All steps of a chunk of tasks: one compiled step, driven from Python (see the module notes).
+
+    ``tracker``: reported after each step (which then waits for its result)."""
+    def step_done(state):
+        if tracker is not None:
+            jax.block_until_ready(state)
+            tracker.done()
+        return state
+
     state, step_keys = _chunk_start(tuple(bank.shape[2:]), config, keys)
     if config.schedule == "step":
         for s in range(config.steps):
-            state = _chunk_step(module, variables, bank, bank_index, targets, state, step_keys[:, s], config)
+            state = step_done(_chunk_step(module, variables, bank, bank_index, targets, state, step_keys[:, s],
+                                          config))
         return state.best
-    per_epoch = -(-bank.shape[1] // min(config.batch_size, bank.shape[1]))
+    per_epoch = _steps_per_epoch(bank, config)
     for epoch in range(config.epochs):
         for position in range(per_epoch):
-            state = _chunk_step(module, variables, bank, bank_index, targets, state, step_keys[:, epoch], config,
-                                jnp.int32(position))
+            state = step_done(_chunk_step(module, variables, bank, bank_index, targets, state, step_keys[:, epoch],
+                                          config, jnp.int32(position)))
         state = _chunk_epoch_end(state, config)
         if bool(np.all(np.asarray(state.stopped))):
             break
@@ -459,13 +473,18 @@ def reverse_engineer(module, variables, bank, bank_index, targets, key, config: 
     size = min(config.chunk_size, count)
     keys = jax.random.split(key, count)
     parts = []
+    per_chunk = config.steps if config.schedule == "step" else config.epochs * _steps_per_epoch(bank, config)
+    chunks = -(-count // size)
+    tracker = (progress.Steps(f"trigger search ({count} task(s) in {chunks} chunk(s)): steps", chunks * per_chunk)
+               if progress.shown() else None)
     for start in range(0, count, size):
         stop = min(start + size, count)
         pad = size - (stop - start)
         index = np.concatenate([bank_index[start:stop], np.repeat(bank_index[start:start + 1], pad)])
         tgt = np.concatenate([targets[start:stop], np.repeat(targets[start:start + 1], pad)])
         chunk_keys = jnp.concatenate([keys[start:stop], jnp.repeat(keys[start:start + 1], pad, axis=0)])
-        found = _reverse_chunk(module, variables, bank, jnp.asarray(index), jnp.asarray(tgt), chunk_keys, config)
+        found = _reverse_chunk(module, variables, bank, jnp.asarray(index), jnp.asarray(tgt), chunk_keys, config,
+                               tracker)
         kept = stop - start
         parts.append(jax.tree_util.tree_map(lambda x, kept=kept: np.asarray(x)[:kept], found))
     return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *parts)
