@@ -2,7 +2,7 @@
 
 Output contract (other tools parse it): ``eval --json`` prints one object with ``acc``,
 ``asr``, ``sia``; ``defend --json`` prints ``{"method", "before", "after", "seconds",
-"der", "defense_size", "eval_size", "found", "changed", "no_op"}`` (detectors add
+"der", "defense_size", "eval_size", "triggered_size", "found", "changed", "no_op"}`` (detectors add
 ``tpr``/``fpr`` to ``after``; ``found`` is ``bdjax.defenses.findings.summarize`` of the
 defense's info, ``changed`` the number of model values that moved and their total, ``no_op``
 true when the defense returned the model unchanged and no test-time rule). Fractions are in [0, 1];
@@ -185,12 +185,12 @@ def cmd_defend(args) -> int:
     no_op = changed == 0 and outcome.result.classifier is None
     if args.json:
         print(_to_json({**{k: report[k] for k in ("method", "before", "after", "seconds", "defense_size",
-                                                  "eval_size")},
+                                                  "eval_size", "triggered_size")},
                         "der": der, "found": found, "changed": {"values": changed, "of": total},
                         "no_op": no_op}))
         return 0
     print(f"{args.method}: {outcome.defense_size} clean images, {outcome.seconds:.1f} s; "
-          f"evaluated on {outcome.eval_size} held-out images")
+          f"evaluated on {outcome.eval_size} held-out images ({outcome.triggered_size} of them triggered for ASR)")
     if found:
         print(f"found: {findings.describe(found)}")
     if no_op:

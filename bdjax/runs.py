@@ -243,11 +243,13 @@ class DefenseOutcome:
     seconds: float
     result: defenses.DefenseResult
     defense_size: int
-    eval_size: int
+    eval_size: int  # clean evaluation images (ACC)
+    triggered_size: int = 0  # triggered evaluation images (ASR, SIA): the clean ones the attack relabels
 
     def to_dict(self) -> dict:
         return {"method": self.method, "before": self.before.to_dict(), "after": self.after.to_dict(),
-                "seconds": self.seconds, "defense_size": self.defense_size, "eval_size": self.eval_size}
+                "seconds": self.seconds, "defense_size": self.defense_size, "eval_size": self.eval_size,
+                "triggered_size": self.triggered_size}
 
 
 def split_for_defense(run: checkpoint.Run, clean_per_class: int, seed: int, data_dir=None,
@@ -300,7 +302,8 @@ def defend_run(run: checkpoint.Run, method: str, *, clean_per_class: int = 2, se
     classifier = result.classifier or model_classifier(run.module, result.variables)
     with progress.stage(f"evaluating the defended model on {sizes}"):
         after = evaluate(classifier, sets, detector=spec.detector)
-    outcome = DefenseOutcome(method, before, after, seconds, result, len(defense_set), len(sets.clean))
+    outcome = DefenseOutcome(method, before, after, seconds, result, len(defense_set), len(sets.clean),
+                             len(sets.triggered))
     if out is not None:
         record = dict(run.record, defense={**outcome.to_dict(), "config": dataclasses.asdict(config),
                                            "clean_per_class": clean_per_class, "seed": seed})

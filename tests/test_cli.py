@@ -29,8 +29,9 @@ def test_defend_ft_json_and_saved_repaired_run(gtsrb_badnets_dir, data_dir, tmp_
                  "--eval-limit", "1000", "--set", "epochs=10", "--out", str(out), "--data-dir", data_dir])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
-    assert set(report) == {"method", "before", "after", "seconds", "der", "defense_size", "eval_size", "found",
-                           "changed", "no_op"}
+    assert set(report) == {"method", "before", "after", "seconds", "der", "defense_size", "eval_size",
+                           "triggered_size", "found", "changed", "no_op"}
+    assert 900 < report["triggered_size"] < 1000  # the held-out images outside the target class
     assert report["method"] == "ft" and set(report["after"]) == {"acc", "asr", "sia"}
     assert report["defense_size"] == 5 * 43 and report["eval_size"] == 1000 and not report["no_op"]
     assert main(["eval", str(out), "--json", "--eval-limit", "1000", "--data-dir", data_dir]) == 0
