@@ -9,9 +9,9 @@ The CLI, the experiments and the tests all call these two functions.
 from __future__ import annotations
 
 import dataclasses
-import sys
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 
