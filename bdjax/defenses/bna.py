@@ -80,7 +80,7 @@ class BNAConfig:
     take ReverseConfig's defaults, not ``reverse``'s (pass ``kind`` again for perturbations).
     E.g. ``{"cost_up": 1.0}`` holds NC's mask cost at ``init_cost`` instead of doubling it, so
     the mask stops growing smaller once the sources flip (experiments/results/bna_tables.md
-    measures both; ours, not the paper's).
+    measures both; ours, not the paper's, and picked on evaluation ASR: an ablation, not a default).
     """
 
     threshold: float = 7.0
