@@ -66,18 +66,18 @@ RECIPES: dict[str, Recipe] = {
 
 
 # Random crops need steps: the default recipe was measured strong at GTSRB's 5 epochs of the full
-# split (3,065 steps at batch 64: ResNet-20 ACC 0.97 / BadNets ASR 1.00), while 3 epochs of a
-# 12,000-image subset (564 steps) gave ACC 0.75 / ASR 0.05 with crops and 0.90 / 0.96 without.
+# split (3,060 steps at batch 64: ResNet-20 ACC 0.97 / BadNets ASR 1.00), while 3 epochs of a
+# 12,000-image subset (561 steps) gave ACC 0.75 / ASR 0.05 with crops and 0.90 / 0.96 without.
 FEW_STEPS = 1500
 
 
 def few_steps_note(config: TrainConfig, train_size: int) -> str | None:
     """A warning for a run with random crops and fewer than ``FEW_STEPS`` optimizer steps, else None."""
-    steps = -(-train_size // config.batch_size) * config.epochs
+    steps = config.steps_per_epoch(train_size) * config.epochs
     if config.crop_padding == 0 or steps >= FEW_STEPS:
         return None
     return (f"note: {steps} optimizer steps with random crops; the default recipe was measured strong from "
-            f"~3,000 steps (GTSRB ResNet-20, 5 epochs of the full split), and 564 steps with crops gave "
+            f"~3,000 steps (GTSRB ResNet-20, 5 epochs of the full split), and 561 steps with crops gave "
             f"ACC 0.75 / ASR 0.05 where --crop-padding 0 gave 0.90 / 0.96 (README, Training recipes)")
 
 

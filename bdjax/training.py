@@ -46,6 +46,10 @@ class TrainConfig:
         return cls(epochs=epochs, optimizer="sgd", learning_rate=0.01, momentum=0.9,
                    weight_decay=5e-4, schedule="cosine")
 
+    def steps_per_epoch(self, train_size: int) -> int:
+        """Optimizer steps per epoch on ``train_size`` images (the last partial batch is dropped)."""
+        return train_size // self.batch_size
+
     def __post_init__(self):
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
@@ -218,7 +222,7 @@ def train_many(module, dataset: Dataset, config: TrainConfig, keys, *, variables
         if lr_scale.shape != (num_models,):
             raise ValueError(f"learning_rates must have shape ({num_models},), got {lr_scale.shape}")
         config = dataclasses.replace(config, learning_rate=1.0)
-    steps_per_epoch = len(dataset) // config.batch_size
+    steps_per_epoch = config.steps_per_epoch(len(dataset))
     optimizer, step = _compiled_step(module, config, steps_per_epoch * config.epochs,
                                      dataset.info.flip_augment if config.flip is None else config.flip,
                                      tuple(dataset.images.shape[1:]))

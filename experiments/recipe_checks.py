@@ -20,6 +20,7 @@ from pathlib import Path
 
 from bdjax import checkpoint
 from bdjax.runs import RunSpec, train_run
+from bdjax.training import TrainConfig
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -37,7 +38,7 @@ CHECKS = {
 
 def row(name: str, record: dict) -> dict:
     config = record["train_config"]
-    steps = -(-record["train_size"] // config["batch_size"]) * config["epochs"]
+    steps = TrainConfig(**config).steps_per_epoch(record["train_size"]) * config["epochs"]
     final = record["history"][-1]
     return {"run": name, "train_size": record["train_size"], "epochs": config["epochs"], "steps": steps,
             "crop_padding": config["crop_padding"], "train_accuracy": final["accuracy"],

@@ -59,5 +59,5 @@ def test_a_short_run_with_crops_gets_a_note_and_a_recipe_length_run_none():
     config = recipes.get("default").train_config("gtsrb")
     assert recipes.few_steps_note(config, 39209) is None  # 5 epochs of the full split
     short = dataclasses.replace(config, epochs=3)
-    assert "564 optimizer steps" in recipes.few_steps_note(short, 12000)
+    assert "561 optimizer steps" in recipes.few_steps_note(short, 12000)  # 12,000 // 64 = 187 per epoch
     assert recipes.few_steps_note(dataclasses.replace(short, crop_padding=0), 12000) is None
