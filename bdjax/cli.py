@@ -80,6 +80,7 @@ _COUNT = _number(int, 1, what="a positive whole number (leave the flag out for a
 _POSITIVE_INT = _number(int, 1, what="a positive whole number")
 _NON_NEGATIVE_INT = _number(int, 0, what="a whole number >= 0")
 _POSITIVE_FLOAT = _number(float, 0.0, above=True, what="a finite number > 0")
+_NON_NEGATIVE_FLOAT = _number(float, 0.0, what="a finite number >= 0")
 _FRACTION = _number(float, 0.0, high=1.0, what="a fraction in [0, 1]")
 
 
@@ -119,13 +120,14 @@ def cmd_train(args) -> int:
                    attack_args=_parse_pairs(args.attack_arg, "--attack-arg"), target=args.target,
                    target_mode=args.target_mode, poison_rate=args.poison_rate, recipe=args.recipe,
                    epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
-                   learning_rate=args.lr, crop_padding=args.crop_padding,
+                   learning_rate=args.lr, crop_padding=args.crop_padding, weight_decay=args.weight_decay,
                    train_subset=args.train_subset, eval_limit=args.eval_limit, seed=args.seed)
     run = _finished_run(args.out, spec) if args.resume else None
     if run is None:
         config = spec.train_config()
         if not args.quiet:
             print(f"recipe {spec.recipe}: {config.optimizer} lr {config.learning_rate}, batch {config.batch_size}, "
+                  f"weight decay {config.weight_decay}, "
                   f"{config.epochs} epochs; checkpoint every epoch in {Path(args.out) / 'training'}",
                   file=sys.stderr)
         run = train_run(spec, args.out, args.data_dir, progress=not args.quiet, resume=args.resume,
@@ -363,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=_POSITIVE_FLOAT, default=None, help="override the recipe's (peak) learning rate")
     p.add_argument("--crop-padding", type=_NON_NEGATIVE_INT, default=None,
                    help="override the recipe's random-crop padding (0: no crops)")
+    p.add_argument("--weight-decay", type=_NON_NEGATIVE_FLOAT, default=None,
+                   help="override the recipe's weight decay (default recipe: 5e-4, CIFAR 1e-4)")
     p.add_argument("--train-subset", type=_COUNT, default=None, help="stratified subset of N training images")
     p.add_argument("--eval-limit", type=_COUNT, default=None, help="evaluate on a stratified subset of N test images")
     p.add_argument("--seed", type=_NON_NEGATIVE_INT, default=0)

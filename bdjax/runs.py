@@ -29,13 +29,13 @@ from bdjax.training import TrainConfig, train, train_many, unstack_models
 
 
 # The training fields of a RunSpec: None takes the recipe's value.
-TRAINING_FIELDS = ("epochs", "batch_size", "optimizer", "learning_rate", "crop_padding")
+TRAINING_FIELDS = ("epochs", "batch_size", "optimizer", "learning_rate", "crop_padding", "weight_decay")
 
 
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
     """What to train. Defaults: the ``default`` recipe (``bdjax.recipes``) on the full training
-    split, BadNets at 10% poison; ``epochs`` .. ``crop_padding`` override single recipe fields."""
+    split, BadNets at 10% poison; ``epochs`` .. ``weight_decay`` override single recipe fields."""
 
     dataset: str = "gtsrb"
     model: str = "resnet20"
@@ -50,6 +50,7 @@ class RunSpec:
     optimizer: str | None = None
     learning_rate: float | None = None
     crop_padding: int | None = None
+    weight_decay: float | None = None
     train_subset: int | None = None  # stratified subset of the training split
     eval_limit: int | None = None  # stratified subset of the test split for the record's metrics
     seed: int = 0  # the data: training subset, trigger, poisoned images, evaluation subset
@@ -78,7 +79,7 @@ class RunSpec:
         _check_number("seed", self.seed, int, low=0)
         for name, kind, low in (("epochs", int, 1), ("batch_size", int, 1), ("learning_rate", float, 0.0),
                                 ("crop_padding", int, 0), ("train_subset", int, 1), ("eval_limit", int, 1),
-                                ("model_seed", int, 0)):
+                                ("model_seed", int, 0), ("weight_decay", float, 0)):
             if getattr(self, name) is not None:
                 _check_number(name, getattr(self, name), kind, low=low, above=name == "learning_rate")
         if self.optimizer not in (None, "adam", "sgd"):

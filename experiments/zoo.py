@@ -199,6 +199,18 @@ def v2_bar(spec: RunSpec) -> tuple[float, float] | None:
     return (0.88 if slow else 0.90), (0.85 if spec.attack == "wanet" or spec.target_mode == "all_to_all" else 0.95)
 
 
+def recipe_drift(record: dict, spec: RunSpec) -> list[str]:
+    """How the training a record stores differs from what ``spec`` resolves to now ([]: not at all).
+
+    A recipe changed after a model was trained leaves its spec equal ("recipe: default") and its
+    training different; such a model is retrained by ``zoo.py`` and flagged in the table meanwhile.
+    """
+    now = dataclasses.asdict(spec.train_config())
+    then = record["train_config"]
+    return [f"{key} {then[key]} (now {now[key]})" for key in sorted(now.keys() & then.keys())
+            if then[key] != now[key]]
+
+
 def _meets(spec: RunSpec, metrics: dict) -> str:
     bar = v2_bar(spec)
     if bar is None:
@@ -207,6 +219,11 @@ def _meets(spec: RunSpec, metrics: dict) -> str:
               (("ACC", bar[0], metrics["acc"]), ("ASR", bar[1], metrics["asr"]))
               if value is not None and value < low]
     return "no: " + ", ".join(misses) if misses else "yes"
+
+
+def _bar_cell(record: dict, spec: RunSpec) -> str:
+    drift = recipe_drift(record, spec)
+    return _meets(spec, record["metrics"]) + ("; stale, trained with " + ", ".join(drift) if drift else "")
 
 
 def _rate(value) -> str:
@@ -227,12 +244,13 @@ def write_table(zoo_dir: Path = ZOO_DIR, variant: str = "v1") -> Path:
                     f"{record['train_config']['epochs']} | {m['acc']:.4f} | {_rate(m['asr'])} | "
                     f"{'—' if images_per_second is None else f'{images_per_second:.0f}'} | "
                     f"{record['train_seconds'] / 60:.1f} | {record.get('backend', '?')} |"
-                    + (f" {_meets(spec, m)} |" if variant == "v2" else ""))
+                    + (f" {_bar_cell(record, spec)} |" if variant == "v2" else ""))
         entries.append({"run": run_dir.name, "spec": record["spec"], "train_config": record["train_config"],
                         "metrics": m, "eval_size": record["eval_size"], "train_size": record["train_size"],
                         "poison_count": record["poison_count"], "train_seconds": record["train_seconds"],
                         "images_per_second": images_per_second, "backend": record.get("backend"),
                         "variables_sha256": record["variables_sha256"],
+                        "recipe_drift": recipe_drift(record, spec),
                         **({"bar": v2_bar(spec), "meets_bar": _meets(spec, m)} if variant == "v2" else {})})
     trained = {entry["run"] for entry in entries}
     missing = [name for name in variant_specs(variant) if name not in trained]
@@ -251,7 +269,8 @@ def write_table(zoo_dir: Path = ZOO_DIR, variant: str = "v1") -> Path:
         *(["Bar: issue 27's minimum for default-recipe ResNet-20s (GTSRB ACC >= 0.96, ASR >= 0.95, "
            "WaNet >= 0.90; CIFAR-10 ACC >= 0.90, SIG / WaNet >= 0.88, ASR >= 0.95, WaNet / all-to-all "
            ">= 0.85); for the thesis architectures the TAC thesis's table 5.4 mean less 0.03 ACC / 0.05 ASR. "
-           "A row that misses its bar is shown as it is.", ""] if variant == "v2" else []),
+           "A row that misses its bar is shown as it is; \"stale\" marks a model trained before its "
+           "recipe changed (kept until it is retrained).", ""] if variant == "v2" else []),
         "| run | model | dataset | attack | poison | recipe | train size | epochs | ACC | ASR | images/s "
         "| train min | backend |" + (" bar |" if variant == "v2" else ""),
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if variant == "v2" else ""),
@@ -292,10 +311,12 @@ def main(argv=None) -> int:
             run_dir = out / name
             overwrite = False
             if (run_dir / checkpoint.RECORD_FILE).is_file():
-                if RunSpec.from_record(checkpoint.read_record(run_dir)["spec"]) == spec:
+                record = checkpoint.read_record(run_dir)
+                drift = recipe_drift(record, spec)
+                if RunSpec.from_record(record["spec"]) == spec and not drift:
                     print(f"[skip] {name}: already trained", flush=True)
                     continue
-                print(f"[retrain] {name}: the recipe changed", flush=True)
+                print(f"[retrain] {name}: the spec or recipe changed {drift}", flush=True)
                 overwrite = True
             started = time.perf_counter()
             run = train_run(spec, run_dir, args.data_dir, progress=False, resume=True, overwrite=overwrite)

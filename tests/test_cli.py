@@ -101,6 +101,7 @@ def test_train_attack_none_prints_dashes_for_the_missing_rates(tmp_path, monkeyp
     (["train", "--eval-limit", "-5"], "--eval-limit"),
     (["train", "--lr", "nan"], "--lr"),
     (["train", "--epochs", "0"], "--epochs"),
+    (["train", "--weight-decay", "-1e-4"], "--weight-decay"),
     (["train", "--poison-rate", "1.5"], "--poison-rate"),
     (["eval", "RUN", "--eval-limit", "0"], "--eval-limit"),
     (["defend", "ft", "RUN", "--clean-per-class", "0"], "--clean-per-class"),

@@ -11,9 +11,18 @@ from bdjax.runs import RunSpec
 def test_default_recipe_is_sgd_nesterov_with_warmup_cosine_weight_decay_and_crops():
     config = recipes.get("default").train_config("cifar10")
     assert (config.optimizer, config.nesterov, config.momentum, config.schedule) == ("sgd", True, 0.9, "cosine")
-    assert config.warmup_fraction > 0 and config.weight_decay == 5e-4 and config.crop_padding == 4
+    assert config.warmup_fraction > 0 and config.crop_padding == 4
     assert config.flip is None  # the dataset decides: flips on CIFAR, none on GTSRB's signs
-    assert config.epochs == 40 and recipes.get("default").train_config("gtsrb").epochs == 5
+    gtsrb = recipes.get("default").train_config("gtsrb")
+    assert (config.epochs, config.weight_decay) == (40, 1e-4) and (gtsrb.epochs, gtsrb.weight_decay) == (5, 5e-4)
+
+
+def test_a_spec_overrides_the_weight_decay_a_dataset_gives():
+    config = RunSpec(dataset="cifar10", weight_decay=5e-4).train_config()
+    assert (config.weight_decay, config.epochs) == (5e-4, 40)
+    assert RunSpec(dataset="cifar10", weight_decay=0.0).train_config().weight_decay == 0.0
+    with pytest.raises(ValueError, match="weight_decay must be >= 0"):
+        RunSpec(weight_decay=-1e-4)
 
 
 def test_backdoorbench_and_thesis_recipes():
