@@ -1,36 +1,33 @@
-"""Table I (ASR / ACC) and Table IV (running time) of Hashemifar et al. on the zoo's models.
+"""Table I (ASR / ACC) and Table IV (running time) of Hashemifar et al. on zoo models: JSON + Markdown.
 
-    python experiments/suspicion_table.py                                  # every default model
-    python experiments/suspicion_table.py --only medium-bn-gtsrb-badnets --methods anp nad \\
-        --set anp.iterations=200 --set nad.crop_padding=0
+    python experiments/suspicion_table.py                                  # zoo v2 defaults, seeds 0-2
+    python experiments/suspicion_table.py --only resnet20-gtsrb-badnets --methods anp nad \\
+        --set anp.iterations=200 --set nad.crop_padding=0 --record suspicion_table_ablation
 
 Every method sees the same tiny defense set: 1 clean test image per class (43 for GTSRB,
-10 for CIFAR-10, the paper's setting); ACC / ASR are measured on ``--eval-limit`` other test
-images. Seconds are wall-clock of the defense call alone on this machine (2-core CPU,
-shared; compile time included), not the paper's K80. Paper numbers are CIFAR-10 ResNet-18
-(Table I per attack, Table IV), printed beside ours as context, never as measurements.
-Rows are printed as soon as they are measured, so a partial run still gives a table.
+10 for CIFAR-10, the paper's setting), drawn per seed; ACC / ASR are measured on the rest of
+the test split (``--eval-limit N``: a stratified subset). Seconds are wall-clock of the defense
+call alone on this machine (2-core CPU, shared; compile time included), not the paper's K80.
+Paper numbers are CIFAR-10 ResNet-18 (Table I per attack, Table IV), printed beside ours as
+context, never as measurements. Writes ``results/suspicion_table.{json,md}`` (``--record NAME``:
+``results/NAME.*``); the JSON keeps every finished cell, so a killed run continues.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import os
-import time
+import sys
 from pathlib import Path
 
-import jax
-
-from bdjax import checkpoint, defenses
 from bdjax.cli import _parse_value
-from bdjax.evaluation import evaluate_model
-from bdjax.runs import split_for_defense
 
-ZOO_DIR = Path(__file__).resolve().parent / "zoo"
-MODELS = ("medium-bn-gtsrb-badnets", "medium-bn-gtsrb-blended", "resnet20-gtsrb-badnets",
-          "resnet20-gtsrb-blended", "resnet20-cifar10-badnets", "resnet20-cifar10-blended",
-          "resnet20-cifar10-trojan", "resnet20-cifar10-sig")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tables  # noqa: E402  (experiments/tables.py)
+
+# Zoo v2: GTSRB first (trained), then the paper's Table I rows (BadNets at its 1% poison on CIFAR-10).
+MODELS = ("resnet20-gtsrb-badnets", "resnet20-gtsrb-blended", "resnet20-cifar10-badnets-1pct",
+          "resnet20-cifar10-blended", "resnet20-cifar10-trojan", "resnet20-cifar10-sig")
 METHODS = ("suspicion", "clp", "anp", "nad", "ft")
 # Hashemifar et al., Table I (CIFAR-10 ResNet-18, 10 clean images): {attack: {method: (ASR, ACC)}}.
 PAPER_TABLE_I = {
@@ -60,45 +57,76 @@ def parse_overrides(pairs: list[str]) -> dict[str, dict]:
     return overrides
 
 
-def print_row(name: str, defense_size: int, paper: dict, method: str, report, seconds: float):
-    cited = "{:.2f} / {:.2f}".format(*paper[method]) if method in paper else ""
-    print(f"| {name} | {method} | {defense_size} | {100 * report.asr:.2f} | {100 * report.acc:.2f} | "
-          f"{seconds:.1f} | {cited} | {PAPER_TABLE_IV.get(method, '')} |", flush=True)
+def paper_reference(cell: dict) -> dict | None:
+    """Table I's row for a measured cell (for the results book's summary), or None."""
+    paper = PAPER_TABLE_I.get(cell["attack"], {})
+    if cell["method"] not in paper or "none" not in paper:
+        return None
+    (asr, acc), (_, acc_before) = paper[cell["method"]], paper["none"]
+    return {"acc": acc / 100, "asr": asr / 100, "acc_before": acc_before / 100, "dataset": "cifar10",
+            "model": "resnet18", "source": "Hashemifar et al., Table I (CIFAR-10 ResNet-18, 10 clean images)"}
+
+
+def markdown(record: tables.CellRecord, command: str) -> str:
+    rows = []
+    for (name, k, method), cells in tables.group(record.cells, ("run", "k", "method")).items():
+        paper = PAPER_TABLE_I.get(cells[0]["attack"], {})
+        cited = "{:.2f} / {:.2f}".format(*paper[method]) if method in paper else ""
+        seconds = [c["seconds"] for c in cells if c["seconds"] is not None]
+        rows.append(f"| {name} | {method} | {cells[0]['defense_size']} | {tables.mean_std([c['asr'] for c in cells])} | "
+                    f"{tables.mean_std([c['acc'] for c in cells])} | "
+                    f"{f'{sum(seconds) / len(seconds):.1f}' if seconds else '–'} | {cited} | "
+                    f"{PAPER_TABLE_IV.get(method, '')} |")
+    eval_sizes = sorted({c["eval_size"] for c in record.cells})
+    return "\n".join([
+        "# Hashemifar et al.'s Table I / IV on the zoo (suspiciousness pruning and its baselines)",
+        "",
+        f"Generated by `{command}` from `{record.path.name}`. Defense set: k clean test images per class",
+        "(k = 1: the paper's tiny set), drawn per seed; ASR / ACC (%) on the rest of the test split",
+        f"({', '.join(map(str, eval_sizes))} clean images), mean ± sample std over the seeds. Seconds: the",
+        "defense call on the shared 2-core CPU, compile time included. Every method at its defaults.",
+        "",
+        "**Paper columns: Table I (CIFAR-10 ResNet-18, 10 images) and Table IV (seconds, K80 GPU; CLP on a",
+        "laptop CPU): reported numbers, not measured here, and for another dataset and network on GTSRB rows.**",
+        "",
+        "| model | method | defense set | ASR % | ACC % | seconds | paper ASR / ACC % | paper s |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ])
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=os.environ.get("BDJAX_DATA_DIR"))
+    parser.add_argument("--zoo", choices=sorted(tables.ZOO_DIRS), default="v2")
     parser.add_argument("--only", nargs="*", help="zoo run names (default: those of MODELS that exist)")
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
     parser.add_argument("--clean-per-class", type=int, default=1)
-    parser.add_argument("--eval-limit", type=int, default=1000)
+    parser.add_argument("--eval-limit", type=int, default=None, help="default: the whole rest of the test split")
     parser.add_argument("--set", action="append", default=[], metavar="METHOD.FIELD=VALUE")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--record", default="suspicion_table", help="results/NAME.{json,md}")
     args = parser.parse_args(argv)
     overrides = parse_overrides(args.set)
 
-    names = args.only or [n for n in MODELS if (ZOO_DIR / n / "record.json").exists()]
-    missing = [n for n in MODELS if not (ZOO_DIR / n / "record.json").exists()]
+    zoo = tables.ZOO_DIRS[args.zoo]
+    names = args.only or [n for n in MODELS if (zoo / n / "record.json").exists()]
+    missing = [n for n in MODELS if not (zoo / n / "record.json").exists()]
     if missing and not args.only:
-        print(f"not in the zoo (yet): {', '.join(missing)}")
-    print("| model | method | defense set | ASR % | ACC % | seconds | paper ASR / ACC % | paper s |")
-    print("|---|---|---|---|---|---|---|---|")
+        print(f"not in zoo {args.zoo} (yet): {', '.join(missing)}")
+    record = tables.CellRecord(tables.RESULTS / f"{args.record}.json",
+                               {"zoo": args.zoo, "eval_limit": args.eval_limit, "set": sorted(args.set)})
+    command = "python experiments/suspicion_table.py" + ("" if args.record == "suspicion_table"
+                                                         else f" --record {args.record}")
+    methods = {m: (m, overrides.get(m, {})) for m in args.methods}
     for name in names:
-        run = checkpoint.load(ZOO_DIR / name)
-        attack = run.record["spec"]["attack"]
-        clean, sets = split_for_defense(run, args.clean_per_class, args.seed, args.data_dir, args.eval_limit)
-
-        row = functools.partial(print_row, name, len(clean), PAPER_TABLE_I.get(attack, {}))
-        row("none", evaluate_model(run.module, run.variables, sets), 0.0)
-        for method in args.methods:
-            spec = defenses.get(method)
-            config = defenses.make_config(spec.config_cls, overrides.get(method, {}))
-            started = time.perf_counter()
-            result = spec.fn(run.module, run.variables, clean, jax.random.key(args.seed), config)
-            jax.block_until_ready(result.variables)
-            seconds = time.perf_counter() - started
-            row(method, evaluate_model(run.module, result.variables, sets), seconds)
+        run = tables.zoo_run(args.zoo, name)
+        for seed in args.seeds:
+            tables.measure(run, name, run.record["spec"]["attack"], args.clean_per_class, seed, methods, record,
+                           args.data_dir, args.eval_limit)
+            (tables.RESULTS / f"{args.record}.md").write_text(markdown(record, command))
+    print(f"wrote {tables.RESULTS / args.record}.{{json,md}}")
 
 
 if __name__ == "__main__":

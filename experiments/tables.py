@@ -17,9 +17,15 @@ import math
 import subprocess
 from pathlib import Path
 
+import time
+
+import jax
 import numpy as np
 
-from bdjax import checkpoint
+from bdjax import checkpoint, defenses
+from bdjax.evaluation import evaluate_model
+from bdjax.metrics import defense_effectiveness_rating
+from bdjax.runs import split_for_defense
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -98,3 +104,58 @@ def group(cells: list[dict], fields: tuple[str, ...]) -> dict[tuple, list[dict]]
     for cell in cells:
         groups.setdefault(tuple(cell[f] for f in fields), []).append(cell)
     return groups
+
+
+def measure(run, name: str, attack: str, k: int, seed: int, methods: dict[str, tuple[str, dict]],
+            record: CellRecord, data_dir=None, eval_limit=None, outputs=None):
+    """Every missing cell of (``name``, ``k``, ``seed``): the undefended model and each method.
+
+    ``methods``: row label -> (registered defense, config overrides). ``outputs(method, result)``
+    may turn one defense call into several rows: a list of (label or None for the method's own,
+    variables, seconds or None for the call's, info for the record).
+    """
+    todo = [m for m in methods if record.find(run=name, k=k, seed=seed, method=m) is None]
+    before = record.find(run=name, k=k, seed=seed, method="none")
+    if not todo and before is not None:
+        return
+    clean, sets = split_for_defense(run, k, seed, data_dir, eval_limit)
+    base = dict(run=name, attack=attack, dataset=run.dataset, model=run.record["model"], k=k, seed=seed,
+                defense_size=len(clean), eval_size=len(sets.clean), triggered_size=len(sets.triggered))
+    if before is None:
+        report = evaluate_model(run.module, run.variables, sets)
+        before = dict(base, method="none", acc=report.acc, asr=report.asr, der=None, seconds=None)
+        record.add(before)
+        print(line(before), flush=True)
+    for method in todo:
+        registered, overrides = methods[method]
+        spec = defenses.get(registered)
+        config = defenses.make_config(spec.config_cls, overrides)
+        started = time.perf_counter()
+        result = spec.fn(run.module, run.variables, clean, jax.random.key(seed), config)
+        jax.block_until_ready(result.variables)
+        seconds = time.perf_counter() - started
+        rows = outputs(registered, result) if outputs else [(None, result.variables, None, scalars(result.info))]
+        for label, variables, secs, info in rows:
+            label = label or method
+            if record.find(run=name, k=k, seed=seed, method=label):
+                continue
+            after = evaluate_model(run.module, variables, sets)
+            der = defense_effectiveness_rating(before["acc"], before["asr"], after.acc, after.asr)
+            cell = dict(base, method=label, acc=after.acc, asr=after.asr, der=der,
+                        seconds=seconds if secs is None else secs, info=info)
+            record.add(cell)
+            print(line(cell), flush=True)
+
+
+def scalars(info: dict) -> dict:
+    """The plain numbers and strings of a defense's info (what it pruned, flagged, chose)."""
+    plain = (bool, int, float, str, np.integer, np.floating, np.bool_)
+    return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in info.items()
+            if isinstance(v, plain) and not (isinstance(v, float) and not math.isfinite(v))}
+
+
+def line(cell: dict) -> str:
+    """One measured cell, for the progress log."""
+    der = "–" if cell["der"] is None else f"{100 * cell['der']:.2f}"
+    return (f"  {cell['run']} k={cell['k']} seed={cell['seed']} {cell['method']}: ACC {100 * cell['acc']:.2f} "
+            f"ASR {100 * cell['asr']:.2f} DER {der} ({cell['seconds'] or 0:.0f} s)")
