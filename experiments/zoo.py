@@ -121,6 +121,8 @@ V2_CIFAR_ATTACKS = {  # in training order: the models most experiments use first
     "clean": dict(attack="none"),
 }
 THESIS_MODELS = ("small", "small-bn", "medium", "medium-bn", "large", "large-bn")
+# Clean twins of thesis models: medium-bn's is the tests' and BNA table 9's clean model.
+THESIS_CLEAN = {"medium-bn": ("clean",)}
 
 
 def v2_specs(accelerator: bool = False) -> dict[str, RunSpec]:
@@ -131,8 +133,8 @@ def v2_specs(accelerator: bool = False) -> dict[str, RunSpec]:
     """
     specs = {}
     groups = [("resnet20", "gtsrb", V2_GTSRB_ATTACKS, "default"),
-              *[(m, "gtsrb", {k: V2_GTSRB_ATTACKS[k] for k in ("badnets", "blended")}, "thesis")
-                for m in THESIS_MODELS],
+              *[(m, "gtsrb", {k: V2_GTSRB_ATTACKS[k] for k in ("badnets", "blended", *THESIS_CLEAN.get(m, ()))},
+                 "thesis") for m in THESIS_MODELS],
               ("resnet20", "cifar10", V2_CIFAR_ATTACKS, "default")]
     if accelerator:
         groups = [("preact-resnet18", "cifar10", V2_CIFAR_ATTACKS, "backdoorbench"),
@@ -186,8 +188,11 @@ def v2_bar(spec: RunSpec) -> tuple[float, float] | None:
     """Issue 27's (ACC, ASR) minimum for a zoo v2 model; None: no bar set.
 
     Default-recipe ResNet-20s: the issue's numbers. Thesis architectures: "in the thesis's
-    range", taken as its table 5.4 mean less 0.03 ACC and 0.05 ASR (its means are over 25 models).
+    range", taken as its table 5.4 mean less 0.03 ACC and 0.05 ASR (its means are over 25 models);
+    a clean thesis model: its BadNets twin's ACC bar (a clean model has no ASR).
     """
+    if spec.recipe == "thesis" and spec.attack == "none" and (spec.model, "badnets") in THESIS_TABLE_5_4:
+        return round(THESIS_TABLE_5_4[spec.model, "badnets"][0] - 0.03, 2), 0.0  # its BadNets twin's ACC bar
     if (spec.model, spec.attack) in THESIS_TABLE_5_4 and spec.recipe == "thesis":
         acc, asr = THESIS_TABLE_5_4[spec.model, spec.attack]
         return round(acc - 0.03, 2), round(asr - 0.05, 2)

@@ -39,6 +39,7 @@ def test_bar_follows_issue_27():
     assert zoo.v2_bar(specs["resnet20-cifar10-badnets-a2a"]) == (0.90, 0.85)
     assert zoo.v2_bar(specs["medium-bn-gtsrb-badnets"]) == (0.92, 0.95)  # thesis table 5.4: 0.95 / 1.00
     assert zoo.v2_bar(specs["small-gtsrb-blended"]) == (0.79, 0.80)
+    assert zoo.v2_bar(specs["medium-bn-gtsrb-clean"]) == (0.92, 0.0)
     assert all(zoo.v2_bar(s) is not None for s in specs.values())
     gtsrb = specs["resnet20-gtsrb-badnets"]
     assert zoo._meets(gtsrb, {"acc": 0.97, "asr": 0.99}) == "yes"
