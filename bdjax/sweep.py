@@ -11,6 +11,14 @@ returns a ``SweepConfig`` (see ``experiments/sweeps/``). Its grid splits into tw
   with the setting axis sharded over every device of ``mesh``; otherwise they run one
   after another (the record says which: ``mode``).
 
+Which of the two runs is chosen by backend (``vectorise_cell``): on an accelerator every
+batched defense is vmapped; on CPU the ones that change weights by gradient steps through
+the network (``BatchedSpec.slower_on_cpu``: FT) loop, since XLA:CPU runs a vmapped
+convolution backward pass slower than a loop of single ones
+(``experiments/results/sweep_benchmark.md``), while the ones that only evaluate (CLP's u,
+suspicion's μ) are vmapped there too. ``vectorise=`` (``bdjax sweep --vmap/--sequential``)
+or ``BDJAX_SWEEP=vmap|loop|auto`` overrides it.
+
 Each finished cell is written atomically as one JSON record under ``OUT/cells/``; a
 restarted sweep skips every cell whose record exists and names the same cell, so a killed
 sweep loses at most the cell in flight. ``results_table`` turns the records into Markdown.
@@ -27,6 +35,7 @@ import hashlib
 import importlib.util
 import itertools
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -181,12 +190,30 @@ def _sequential(run, cell: Cell, clean, key, config) -> tuple[list, list]:
     return outputs, classifiers
 
 
+SWEEP_MODES = ("vmap", "loop", "auto")
+
+
+def vectorise_cell(defense: str, vectorise: bool | None = None, backend: str | None = None) -> bool:
+    """Whether a cell of ``defense`` runs its settings as one vmapped program: ``vectorise``
+    if given, else ``$BDJAX_SWEEP`` ("vmap", "loop" or "auto", the default). "auto": vmapped
+    where the defense has a batched implementation, except on CPU (``backend``, default
+    ``jax.default_backend()``) for those that change weights (``BatchedSpec.slower_on_cpu``)."""
+    batched = defenses.BATCHED.get(defense)
+    if vectorise is not None:
+        return bool(vectorise) and batched is not None
+    mode = os.environ.get("BDJAX_SWEEP") or "auto"
+    if mode not in SWEEP_MODES:
+        raise ValueError(f"BDJAX_SWEEP must be one of {SWEEP_MODES}, got {mode!r}")
+    if batched is None or mode == "loop":
+        return False
+    return mode == "vmap" or not (batched.slower_on_cpu and (backend or jax.default_backend()) == "cpu")
+
+
 def run_cell(cell: Cell, sweep: SweepConfig, *, data_dir=None, mesh=None, vectorise: bool | None = None) -> dict:
     """Run one cell and return its record (nothing is written).
 
     ``vectorise``: True runs the settings as one vmapped program where the defense has one,
-    False as a loop; None (default) picks the faster: vmapped, except on CPU for defenses whose
-    vmapped form was measured slower there (``BatchedSpec.slower_on_cpu``: FT)."""
+    False as a loop; None (default): ``vectorise_cell``'s choice by backend."""
     run = checkpoint.load(sweep.run_path(cell.run))
     spec = defenses.get(cell.defense)
     config = defenses.make_config(spec.config_cls, cell.fixed)
@@ -194,8 +221,7 @@ def run_cell(cell: Cell, sweep: SweepConfig, *, data_dir=None, mesh=None, vector
     key = jax.random.fold_in(jax.random.key(sweep.seed), cell.clean_seed)
     settings = cell.settings
     batched = defenses.BATCHED.get(cell.defense)
-    if vectorise is None:
-        vectorise = batched is not None and not (batched.slower_on_cpu and jax.default_backend() == "cpu")
+    vectorise = vectorise_cell(cell.defense, vectorise)
     started = time.perf_counter()
     # Without value axes a cell is one setting: nothing to vmap.
     if vectorise and batched is not None and cell.values and set(cell.values) <= batched.axes and not spec.detector:

@@ -158,45 +158,55 @@ def adversarial_noise(loss_fn, like, key, eps: float, steps: int = 1, clip: bool
 
 def learn_masks(params, batch_stats, images, labels, key, *, module, units: tuple[ConvUnit, ...],
                 config: AnpConfig, flip: bool) -> tuple[Masks, dict]:
-    """ANP's mask optimisation (Alg. 1): one compiled iteration in a host loop (``bdjax.loops.scan``).
+    """ANP's mask optimisation (Alg. 1): ``config.iterations`` of ``mask_iteration`` in
+    ``bdjax.loops.scan`` (compiled once per model, config and clean-set shape).
 
     images: f32[N, H, W, C], labels: int32[N]. Returns ``(masks {unit: f32[C]} in [0, 1],
     {"natural_loss", "robust_loss": f32[iterations]})``.
     """
-    images, labels = jnp.asarray(images), jnp.asarray(labels)
-    count = images.shape[0]
-    batch = min(config.batch_size, count)
-    optimizer = optax.sgd(config.mask_lr, momentum=config.momentum)
     masks = {u.name: jnp.ones_like(surgery.get_path(params, u.bn)["scale"]) for u in units}
-
-    def loss(masks, scale_noise, bias_noise, x, y):
-        return cross_entropy(_logits(module, masked_params(params, units, masks, scale_noise, bias_noise),
-                                     batch_stats, x, config.batch_statistics, config.exact_batch_variance), y)
-
-    def iteration(carry, key):
-        masks, opt_state = carry
-        batch_key, augment_key, noise_key = jax.random.split(key, 3)
-        index = jax.random.permutation(batch_key, count)[:batch]
-        x = augment(augment_key, images[index], config.crop_padding, flip)
-        y = labels[index]
-        # Step 1: the worst perturbation from a uniform start in the eps-box (unclipped: up to 2 eps).
-        noise = adversarial_noise(lambda noise: loss(masks, *noise, x, y), (masks, masks), noise_key,
-                                  config.eps, config.steps, config.clip_noise)
-
-        # Step 2: masks down α · natural + (1 − α) · robust loss, then back into [0, 1].
-        def mask_loss(masks):
-            natural = loss(masks, None, None, x, y)
-            robust = loss(masks, *noise, x, y) if config.eps > 0 else 0.0
-            return config.alpha * natural + (1.0 - config.alpha) * robust, (natural, robust)
-
-        (_, (natural, robust)), grads = jax.value_and_grad(mask_loss, has_aux=True)(masks)
-        updates, opt_state = optimizer.update(grads, opt_state, masks)
-        masks = jax.tree_util.tree_map(lambda m: jnp.clip(m, 0.0, 1.0), optax.apply_updates(masks, updates))
-        return (masks, opt_state), {"natural_loss": natural, "robust_loss": jnp.asarray(robust, jnp.float32)}
-
     keys = jax.random.split(key, config.iterations)
-    (masks, _), history = loops.scan(iteration, (masks, optimizer.init(masks)), keys)
+    iteration = functools.partial(mask_iteration, module=module, units=units, config=config, flip=flip)
+    (masks, _), history = loops.scan(iteration, (masks, _mask_optimizer(config).init(masks)), keys,
+                                     consts=(params, batch_stats, jnp.asarray(images), jnp.asarray(labels)))
     return masks, history
+
+
+def _mask_optimizer(config: AnpConfig) -> optax.GradientTransformation:
+    return optax.sgd(config.mask_lr, momentum=config.momentum)
+
+
+def _masked_loss(masks, scale_noise, bias_noise, x, y, params, batch_stats, *, module, units, config: AnpConfig):
+    return cross_entropy(_logits(module, masked_params(params, units, masks, scale_noise, bias_noise),
+                                 batch_stats, x, config.batch_statistics, config.exact_batch_variance), y)
+
+
+def mask_iteration(data, carry, key, *, module, units: tuple[ConvUnit, ...], config: AnpConfig, flip: bool):
+    """One ANP iteration: ``data = (params, batch_stats, images f32[N, ...], labels int32[N])``,
+    ``carry = (masks, optimizer state)``, ``key`` draws the batch, augmentation and noise."""
+    params, batch_stats, images, labels = data
+    masks, opt_state = carry
+    count = images.shape[0]
+    loss = functools.partial(_masked_loss, params=params, batch_stats=batch_stats, module=module, units=units,
+                             config=config)
+    batch_key, augment_key, noise_key = jax.random.split(key, 3)
+    index = jax.random.permutation(batch_key, count)[:min(config.batch_size, count)]
+    x = augment(augment_key, images[index], config.crop_padding, flip)
+    y = labels[index]
+    # Step 1: the worst perturbation from a uniform start in the eps-box (unclipped: up to 2 eps).
+    noise = adversarial_noise(lambda noise: loss(masks, *noise, x, y), (masks, masks), noise_key,
+                              config.eps, config.steps, config.clip_noise)
+
+    # Step 2: masks down α · natural + (1 − α) · robust loss, then back into [0, 1].
+    def mask_loss(masks):
+        natural = loss(masks, None, None, x, y)
+        robust = loss(masks, *noise, x, y) if config.eps > 0 else 0.0
+        return config.alpha * natural + (1.0 - config.alpha) * robust, (natural, robust)
+
+    (_, (natural, robust)), grads = jax.value_and_grad(mask_loss, has_aux=True)(masks)
+    updates, opt_state = _mask_optimizer(config).update(grads, opt_state, masks)
+    masks = jax.tree_util.tree_map(lambda m: jnp.clip(m, 0.0, 1.0), optax.apply_updates(masks, updates))
+    return (masks, opt_state), {"natural_loss": natural, "robust_loss": jnp.asarray(robust, jnp.float32)}
 
 
 # --------------------------------------------------------------------------- pruning

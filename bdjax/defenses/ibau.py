@@ -17,6 +17,7 @@ hypergradient Adam step per clean batch. BatchNorm runs in eval mode throughout.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -85,47 +86,55 @@ def _perturbed(images, delta, count: int):
 
 
 def _round(module, variables, opt_state, images, labels, config: IBAUConfig):
-    """One I-BAU round over ``images`` f32[steps, B, H, W, C] / ``labels`` int32[steps, B]
-    (each loop a host loop of one compiled step, ``bdjax.loops.scan``)."""
-    optimizer = optax.adam(config.learning_rate)
+    """One I-BAU round over ``images`` f32[steps, B, H, W, C] / ``labels`` int32[steps, B]:
+    ``ascend`` over every batch, then ``unlearn`` on every batch, each in ``bdjax.loops.scan``
+    (compiled once per model, config and shape, so later rounds and calls reuse it)."""
     batch_stats = variables.get("batch_stats")
-
-    def logits(params, x):
-        return module.apply({**variables, "params": params}, x, train=False)
-
-    def adversary_loss(delta, params, x, y):
-        return -cross_entropy(logits(params, x + jnp.broadcast_to(delta, x.shape)), y) \
-            + config.regularization * jnp.sum(jnp.square(delta))
-
-    def ascend(delta, batch):
-        x, _ = batch
-        own = jnp.argmax(logits(variables["params"], x), -1)
-        return delta - config.perturbation_learning_rate * jax.grad(adversary_loss)(delta, variables["params"], x, own), None
-
-    delta, _ = loops.scan(ascend, jnp.zeros(images.shape[2:], jnp.float32), (images, labels))
+    delta, _ = loops.scan(functools.partial(ascend, module=module, config=config),
+                          jnp.zeros(images.shape[2:], jnp.float32), (images, labels), consts=variables)
     delta = delta * jnp.minimum(1.0, config.radius / jnp.maximum(jnp.linalg.norm(delta), 1e-12))
     count = max(1, round(config.portion * images.shape[1]))
-
-    def inner_loss(delta, params):  # the authors' inner loss: the first batch, true labels
-        return adversary_loss(delta, params, images[0], labels[0])
-
-    def unlearn(carry, batch):
-        params, opt_state = carry
-        x, y = batch
-
-        def outer_loss(delta, params):
-            return cross_entropy(logits(params, _perturbed(x, delta, count)), y)
-
-        grads = implicit_hypergradient(inner_loss, outer_loss, delta, params, config.fixed_point_steps,
-                                       config.inner_step)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), outer_loss(delta, params)
-
-    (params, opt_state), losses = loops.scan(unlearn, (variables["params"], opt_state), (images, labels))
+    step = functools.partial(unlearn, module=module, config=config, count=count)
+    (params, opt_state), losses = loops.scan(step, (variables["params"], opt_state), (images, labels),
+                                             consts=(variables, delta, images[0], labels[0]))
     new = {**variables, "params": params}
     if batch_stats is not None:
         new["batch_stats"] = batch_stats
     return new, opt_state, delta, losses
+
+
+def _adversary_loss(delta, params, x, y, *, module, variables, config: IBAUConfig):
+    logits = module.apply({**variables, "params": params}, x + jnp.broadcast_to(delta, x.shape), train=False)
+    return -cross_entropy(logits, y) + config.regularization * jnp.sum(jnp.square(delta))
+
+
+def ascend(variables, delta, batch, *, module, config: IBAUConfig):
+    """One SGD ascent step of the universal perturbation δ on ``batch = (x, _)``, against the
+    model's own predictions."""
+    x, _ = batch
+    own = jnp.argmax(module.apply(variables, x, train=False), -1)
+    grad = jax.grad(_adversary_loss)(delta, variables["params"], x, own, module=module, variables=variables,
+                                     config=config)
+    return delta - config.perturbation_learning_rate * grad, None
+
+
+def unlearn(data, carry, batch, *, module, config: IBAUConfig, count: int):
+    """One hypergradient Adam step: ``data = (variables, δ, the inner loss's images and labels)``
+    (the authors' inner loss: the first batch, true labels), ``carry = (params, Adam state)``,
+    ``batch = (x, y)``. Returns the outer loss before the step."""
+    variables, delta, inner_x, inner_y = data
+    params, opt_state = carry
+    x, y = batch
+
+    def inner_loss(delta, params):
+        return _adversary_loss(delta, params, inner_x, inner_y, module=module, variables=variables, config=config)
+
+    def outer_loss(delta, params):
+        return cross_entropy(module.apply({**variables, "params": params}, _perturbed(x, delta, count), train=False), y)
+
+    grads = implicit_hypergradient(inner_loss, outer_loss, delta, params, config.fixed_point_steps, config.inner_step)
+    updates, opt_state = optax.adam(config.learning_rate).update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state), outer_loss(delta, params)
 
 
 @register("ibau", IBAUConfig, kind="unlearning",

@@ -14,6 +14,7 @@ on the outputs of a few conv units (``attention_units``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 
 import jax
@@ -110,39 +111,47 @@ def _resolve_units(module, names: tuple[str, ...] | None, count: int) -> tuple[C
 # --------------------------------------------------------------------------- distillation
 def distill(variables, teacher_variables, images, labels, batches, keys, *, module,
             units: tuple[ConvUnit, ...], betas: tuple[float, ...], power: float,
-            optimizer: optax.GradientTransformation, crop_padding: int, flip: bool):
-    """Every student step: one compiled step in a host loop (``bdjax.loops.scan``).
+            train_config: TrainConfig, crop_padding: int, flip: bool):
+    """Every student step (``distill_step``) in ``bdjax.loops.scan``, compiled once per model,
+    configuration and shape; the optimiser is ``make_optimizer(train_config, T)``.
 
     images uint8[N, H, W, C], labels int32[N], batches int32[T, B] (indices per step),
     keys [T] (augmentation). Returns the student's variables and per-step CE / attention
     losses f32[T].
     """
-    paths = [u.output for u in units]
-
-    def step(carry, batch):
-        params, batch_stats, opt_state = carry
-        index, key = batch
-        x = augment(key, images[index].astype(jnp.float32) / 255.0, crop_padding, flip)
-        y = labels[index]
-        teacher = surgery.layer_outputs(module, teacher_variables, x, paths)
-
-        def loss_fn(params):
-            variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
-            (logits, student), updates = surgery.apply_with_edits(module, variables, x, capture=paths,
-                                                                  train=True, mutable=["batch_stats"])
-            ce = cross_entropy(logits, y)
-            at = sum(beta * attention_loss(student[p], jax.lax.stop_gradient(teacher[p]), power)
-                     for beta, p in zip(betas, paths))
-            return ce + at, (ce, at, updates.get("batch_stats", batch_stats))
-
-        (_, (ce, at, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), batch_stats, opt_state), {"ce": ce, "attention": at}
-
+    step = functools.partial(distill_step, module=module, paths=tuple(u.output for u in units), betas=betas,
+                             power=power, train_config=train_config, total_steps=len(batches),
+                             crop_padding=crop_padding, flip=flip)
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
-    (params, batch_stats, _), history = loops.scan(step, (params, batch_stats, optimizer.init(params)),
-                                                     (batches, keys))
+    opt_state = make_optimizer(train_config, len(batches)).init(params)
+    (params, batch_stats, _), history = loops.scan(step, (params, batch_stats, opt_state), (batches, keys),
+                                                     consts=(teacher_variables, images, labels))
     return {**variables, "params": params, **({"batch_stats": batch_stats} if batch_stats else {})}, history
+
+
+def distill_step(data, carry, batch, *, module, paths: tuple, betas: tuple[float, ...], power: float,
+                 train_config: TrainConfig, total_steps: int, crop_padding: int, flip: bool):
+    """One student step: ``data = (teacher variables, images uint8[N, ...], labels int32[N])``,
+    ``carry = (params, batch_stats, optimizer state)``, ``batch = (indices int32[B], key)``."""
+    teacher_variables, images, labels = data
+    params, batch_stats, opt_state = carry
+    index, key = batch
+    x = augment(key, images[index].astype(jnp.float32) / 255.0, crop_padding, flip)
+    y = labels[index]
+    teacher = surgery.layer_outputs(module, teacher_variables, x, paths)
+
+    def loss_fn(params):
+        variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+        (logits, student), updates = surgery.apply_with_edits(module, variables, x, capture=paths,
+                                                              train=True, mutable=["batch_stats"])
+        ce = cross_entropy(logits, y)
+        at = sum(beta * attention_loss(student[p], jax.lax.stop_gradient(teacher[p]), power)
+                 for beta, p in zip(betas, paths))
+        return ce + at, (ce, at, updates.get("batch_stats", batch_stats))
+
+    (_, (ce, at, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = make_optimizer(train_config, total_steps).update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), batch_stats, opt_state), {"ce": ce, "attention": at}
 
 
 def _batch_indices(count: int, batch: int, epochs: int, seed) -> np.ndarray:
@@ -170,13 +179,12 @@ def nad(module, variables, clean: Dataset, key, config: NadConfig = NadConfig())
     train_config = TrainConfig(epochs=config.epochs, batch_size=batch, optimizer="sgd",
                                learning_rate=config.learning_rate, momentum=config.momentum,
                                weight_decay=config.weight_decay, schedule="cosine")
-    optimizer = make_optimizer(train_config, len(batches))
     keys = jax.random.split(jax.random.fold_in(student_key, 1), len(batches))
     student, history = distill(variables, teacher.variables, jnp.asarray(clean.images), jnp.asarray(clean.labels),
-                             jnp.asarray(batches), keys, module=module, units=units,
-                             betas=tuple(float(b) for b in config.betas), power=float(config.power),
-                             optimizer=optimizer, crop_padding=config.crop_padding,
-                             flip=clean.info.flip_augment)
+                               jnp.asarray(batches), keys, module=module, units=units,
+                               betas=tuple(float(b) for b in config.betas), power=float(config.power),
+                               train_config=train_config, crop_padding=config.crop_padding,
+                               flip=clean.info.flip_augment)
     return DefenseResult(student, info={
         "units": [u.name for u in units], "history": jax.device_get(history),
         "teacher_loss": teacher.info["train_loss"],
