@@ -8,22 +8,25 @@ this script has produced so far comes from ``--cpu`` (tiny sizes, a check that e
 runs, not a measurement).
 
 Everything that needs no device work (the zoo model, the clean set, the suspects, the
-synthetic training set) is prepared first; then, each on the device:
+synthetic training set) is prepared first; then, in this order, on the device:
 
 - ``training``: training images/s of ResNet-20 and PreAct-ResNet-18 on 32x32 GTSRB-shaped
   images (a first call compiles, the second is timed). fp32 only: ``bdjax.training`` has no
   compute-dtype option, so bf16 is not measured;
 - ``defenses``: every registered defense (``defense_benchmark.QUICK`` budgets) on the zoo v2
   ResNet-20 GTSRB BadNets, called twice: compile s = first call - second call;
-- ``ft_sweep``: 16 fine-tunings (4 learning rates x 4 seeds) as one vmapped program and as a
-  loop (``bdjax.sweep.run_cell``);
 - ``bna_pair_search`` (``bna.detect``), ``nc_all_labels`` (Neural Cleanse's search over every
   label, then its unlearning) and ``cetf_population`` (CETF's evolutionary search on
-  suspects, seconds per screened input), each called twice as the defenses.
+  suspects, seconds per screened input), each called twice as the defenses;
+- ``ft_sweep``: 16 fine-tunings (4 learning rates x 4 seeds) as one vmapped program and as a
+  loop (``bdjax.sweep.run_cell``).
 
-A section stops starting new calls once ``--budget-s`` seconds have passed (what it skipped
-is listed). Writes ``device_check.md`` and ``device_check.json`` (date, device, JAX version,
-backend) to ``--out-dir``.
+No call starts once ``--budget-s`` seconds (400: with JAX's start and the data, under 8
+minutes) have passed, and no defense once 35% of it is left; skipped calls are listed, and a
+second call is skipped (None) when the first took longer than what is left. The sizes are
+guesses until a first device run: where something was skipped, shrink ``Sizes.device``.
+Writes ``device_check.md`` and ``device_check.json`` (date, device, JAX version, backend)
+to ``--out-dir``.
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ class Sizes:
     reverse_steps: int = 60
     bna_sources: tuple[int, ...] | None = (1, 2, 3)  # None: every source (43 x 42 GTSRB pairs)
     nc_epochs: int = 10
+    nc_one_chunk: bool = False  # every label in one compiled search (no padding to the default 64)
     cetf_population: int = 40
     cetf_generations: int = 100
     cetf_batch: int = 20
@@ -88,8 +92,8 @@ class Sizes:
                    eval_limit=20, methods=("anp", "clp", "ibau"),
                    overrides={"anp": {"iterations": 2}, "ibau": {"rounds": 1}}, suspects=4, sweep_epochs=1,
                    sweep_learning_rates=(0.01,), sweep_seeds=(0, 1), sweep_per_class=1, reverse_steps=2,
-                   bna_sources=(1,), nc_epochs=1, cetf_population=4, cetf_generations=2, cetf_batch=2,
-                   budget_s=600.0)
+                   bna_sources=(1,), nc_epochs=1, nc_one_chunk=True, cetf_population=4, cetf_generations=2,
+                   cetf_batch=2, budget_s=600.0)
 
 
 class Clock:
@@ -142,9 +146,10 @@ def training(sizes: Sizes, info, clock: Clock) -> dict:
 
 
 def defense_calls(sizes: Sizes, run, clean, suspect_images, clock: Clock) -> dict:
+    """Each defense called twice; none starts once less than ``DEFENSES_LEAVE`` of the budget is left."""
     out = {}
     for method in sizes.methods or tuple(defenses.DEFENSES):
-        if clock.left() <= 0:
+        if clock.left() <= DEFENSES_LEAVE * clock.budget_s:
             out[method] = {"skipped": "budget spent"}
             continue
         spec = defenses.get(method)
@@ -158,13 +163,21 @@ def defense_calls(sizes: Sizes, run, clean, suspect_images, clock: Clock) -> dic
     return out
 
 
-def ft_sweep(sizes: Sizes, run_dir: Path, data_dir) -> dict:
+# The share of the budget the defenses leave to the sections after them.
+DEFENSES_LEAVE = 0.35
+
+
+def ft_sweep(sizes: Sizes, run_dir: Path, data_dir, clock: Clock) -> dict:
     grid = sweep.Grid("ft", fixed={"epochs": [sizes.sweep_epochs]},
                       values={"learning_rate": list(sizes.sweep_learning_rates), "seed": list(sizes.sweep_seeds)})
     config = sweep.SweepConfig(name="device-check", runs=(str(run_dir),), grids=(grid,),
                                clean_per_class=sizes.sweep_per_class, eval_limit=sizes.eval_limit)
     cell = sweep.cells(config)[0]
+    if clock.left() <= 0:
+        return {"settings": len(cell.settings), "skipped": "budget spent"}
     vmapped = sweep.run_cell(cell, config, data_dir=data_dir, vectorise=True)
+    if clock.left() <= 0:
+        return {"settings": len(cell.settings), "vmapped_s": vmapped["seconds"], "loop": "skipped: budget spent"}
     loop = sweep.run_cell(cell, config, data_dir=data_dir, vectorise=False)
     return {"settings": len(cell.settings), "vmapped_s": vmapped["seconds"], "loop_s": loop["seconds"],
             "loop_over_vmapped": loop["seconds"] / vmapped["seconds"],
@@ -180,7 +193,10 @@ def bna_pair_search(sizes: Sizes, run, clean, clock: Clock) -> dict:
 
 def nc_all_labels(sizes: Sizes, run, clean, clock: Clock) -> dict:
     spec = defenses.get("nc")
-    config = defenses.make_config(spec.config_cls, {"reverse": {"epochs": sizes.nc_epochs}, "epochs": 1})
+    search = {"epochs": sizes.nc_epochs}
+    if sizes.nc_one_chunk:
+        search["chunk_size"] = clean.info.num_classes
+    config = defenses.make_config(spec.config_cls, {"reverse": search, "epochs": 1})
     calls = twice(lambda: spec.fn(run.module, run.variables, clean, jax.random.key(0), config), clock)
     return {"labels": clean.info.num_classes, "search_epochs": sizes.nc_epochs, **calls}
 
@@ -253,11 +269,11 @@ def main(argv=None) -> int:
     clock = Clock(sizes.budget_s)
     measure = {
         "training": lambda: training(sizes, clean.info, clock),
-        "ft_sweep": lambda: ft_sweep(sizes, args.run.resolve(), args.data_dir),
+        "defenses": lambda: defense_calls(sizes, run, clean, suspect_images, clock),
         "bna_pair_search": lambda: bna_pair_search(sizes, run, clean, clock),
         "nc_all_labels": lambda: nc_all_labels(sizes, run, clean, clock),
         "cetf_population": lambda: cetf_population(sizes, run, clean, suspect_images, clock),
-        "defenses": lambda: defense_calls(sizes, run, clean, suspect_images, clock),
+        "ft_sweep": lambda: ft_sweep(sizes, args.run.resolve(), args.data_dir, clock),
     }
     sections = {}
     for name, section in measure.items():
