@@ -183,7 +183,11 @@ def train_runs(specs: list[RunSpec], outs: list, data_dir=None, progress: bool =
     seed_key = jax.random.key(spec.seed)
     if spec.train_subset:
         train_set = stratified_subset(train_set, spec.train_subset, jax.random.fold_in(seed_key, 0))
-    attack, target = make_attack(spec, train_set.info)
+    jointly_trained = spec.attack in attacks_lib.TRAINED_WITH_MODEL
+    if jointly_trained:  # the trigger is trained with the classifier: no poisoned set beforehand
+        attack, target = None, TargetMap(spec.target_mode, spec.target, train_set.info.num_classes)
+    else:
+        attack, target = make_attack(spec, train_set.info)
     poison_count = 0
     if attack is not None:
         poisoned = poison_training_set(train_set, attack, target, jax.random.fold_in(seed_key, 2),
@@ -198,7 +202,15 @@ def train_runs(specs: list[RunSpec], outs: list, data_dir=None, progress: bool =
     note = recipes.few_steps_note(config, len(train_set))
     if note and progress:
         print(note, file=sys.stderr, flush=True)
-    if vectorise:
+    attacks = [attack] * len(specs)
+    if jointly_trained:
+        results = [attacks_lib.TRAINED_WITH_MODEL[spec.attack](spec, module, train_set, target, key, config, progress)
+                   for key in keys]
+        trained, attacks = [r.variables for r in results], [r.attack for r in results]
+        histories, seconds = [r.history for r in results], [r.seconds for r in results]
+        poison_count = results[0].poison_count
+        vectorise = False
+    elif vectorise:
         result = train_many(module, train_set, config, keys, progress=progress,
                             checkpoint_dir=outs[0] / checkpoint.TRAINING_DIR)
         trained = unstack_models(result.variables, len(specs))
@@ -216,6 +228,8 @@ def train_runs(specs: list[RunSpec], outs: list, data_dir=None, progress: bool =
     sets = TestSets.build(eval_set, attack, target)
     runs = []
     for i, (one_spec, out, variables) in enumerate(zip(specs, outs, trained)):
+        if jointly_trained:  # every model has its own trigger generator
+            sets = TestSets.build(eval_set, attacks[i], target)
         report = evaluate_model(module, variables, sets)
         record = {
             "dataset": spec.dataset, "model": spec.model, "spec": dataclasses.asdict(one_spec),
@@ -229,7 +243,7 @@ def train_runs(specs: list[RunSpec], outs: list, data_dir=None, progress: bool =
             "history": histories[i],
             "backend": jax.default_backend(),
         }
-        checkpoint.save(out, variables, record, attack, target)
+        checkpoint.save(out, variables, record, attacks[i], target)
         runs.append(checkpoint.load(out))
     for out in outs:
         shutil.rmtree(out / checkpoint.TRAINING_DIR, ignore_errors=True)
