@@ -21,12 +21,20 @@ Training, after the authors' release (input-aware-backdoor-attack-release, train
    400, 500. The classifier: SGD lr 1e-2, momentum 0.9, weight decay 5e-4 (× 0.1 at epochs
    100 .. 400 of 600), random crop 5 px (and rotation 10°) on both batches.
 
+``bdjax train --attack input-aware`` (``runs.train_runs`` -> ``train_for_run``) trains the
+classifier with the run's recipe instead (``--recipe``, ``--epochs``, ...), takes
+``--poison-rate`` as the attack rate and ``--attack-arg`` for the other ``InputAwareConfig``
+fields, and saves an ordinary run (the generators in ``variables.npz`` under ``attack/``); it
+keeps no per-epoch training state, so ``--resume`` starts again.
+
 Deviations, mostly CPU budgets: the number of epochs is the caller's (the paper trains
 600); the classifier's step decays are not applied (they fall at epoch 100 and later;
 ``classifier_config`` gives a constant rate, and any ``TrainConfig`` may be passed); no
 random rotation; G and M run once on the concatenation of the two batches, so their
 BatchNorm sees one batch instead of two; the generators' width (``channels``, 32 in the paper)
-is a parameter so tests can use a narrower one. Generators: per resolution two 3×3
+is a parameter so tests can use a narrower one; RMS distances are floored at 1e-6 (two equal
+saturated masks would give sqrt'(0) = inf, a NaN loss); the generators' BatchNorm is bdjax's
+(PyTorch momentum 0.1). Generators: per resolution two 3×3
 conv-BN-ReLU blocks, then 2×2 max-pooling (32, 64, 128 channels), a middle block, and
 mirrored bilinear ×2 upsampling blocks; output tanh / 2 + 0.5 in [0, 1]; the mask's
 threshold is tanh(20 m − 10) / 2 + 0.5.

@@ -7,7 +7,7 @@ BackdoorBench runs LF with precomputed triggers per dataset; bdjax computes its 
 1. find δ on a clean model: ``find_lf_perturbation(module, variables, clean_set, target, key)``,
    or from the shell on a trained clean run (e.g. ``experiments/zoo/resnet20-gtsrb-clean``)::
 
-       python -m bdjax.attacks.lf --run experiments/zoo/resnet20-gtsrb-clean --target 14 --out lf-gtsrb-14.npy
+       python -m bdjax.attacks.lf_trigger --run experiments/zoo/resnet20-gtsrb-clean --target 14 --out lf-gtsrb-14.npy
 
    which writes f32[H, W, C] to the .npy file;
 2. plant it like any other attack: ``bdjax train --attack lf --attack-arg perturbation_file=lf-gtsrb-14.npy
@@ -34,11 +34,8 @@ The authors' search (their release, Sec5_Smooth_Trigger) and where bdjax deviate
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import math
-import sys
 from pathlib import Path
 
 import jax
@@ -186,7 +183,7 @@ class LF(Attack):
     """x' = clip(x + δ) with δ a low-frequency universal perturbation (see the module docstring).
 
     ``create`` needs δ: ``perturbation`` (f32[H, W, C], |δ| ≤ 1) or ``perturbation_file``, an
-    .npy file of one, e.g. from ``python -m bdjax.attacks.lf``. ``source`` records the file.
+    .npy file of one, e.g. from ``python -m bdjax.attacks.lf_trigger``. ``source`` records the file.
     """
 
     perturbation: jax.Array  # f32[H, W, C]
@@ -200,14 +197,14 @@ class LF(Attack):
         if (perturbation is None) == (perturbation_file is None):
             raise ValueError(
                 "lf needs its low-frequency perturbation: give perturbation_file=FILE.npy (or perturbation=) "
-                "with one found on a clean model: python -m bdjax.attacks.lf --run CLEAN_RUN --target T "
+                "with one found on a clean model: python -m bdjax.attacks.lf_trigger --run CLEAN_RUN --target T "
                 "--out FILE.npy (bdjax.attacks.lf.find_lf_perturbation)")
         source = ""
         if perturbation_file is not None:
             path = Path(perturbation_file).expanduser()
             if not path.is_file():
                 raise ValueError(f"lf perturbation_file {path} does not exist; make one with "
-                                 "python -m bdjax.attacks.lf --run CLEAN_RUN --target T --out FILE.npy")
+                                 "python -m bdjax.attacks.lf_trigger --run CLEAN_RUN --target T --out FILE.npy")
             try:
                 perturbation = np.load(path, allow_pickle=False)
             except ValueError as err:
@@ -225,44 +222,3 @@ class LF(Attack):
 
     def apply(self, images, key=None):
         return add_perturbation(images, self.perturbation)
-
-
-def main(argv=None) -> int:
-    """``python -m bdjax.attacks.lf``: find an LF perturbation on a trained clean run."""
-    from bdjax import checkpoint
-    from bdjax.data import load, stratified_subset
-
-    parser = argparse.ArgumentParser(prog="python -m bdjax.attacks.lf", description=(
-        "Find a low-frequency universal perturbation (the LF attack's trigger) on a clean model "
-        "and save it as an .npy file for `bdjax train --attack lf --attack-arg perturbation_file=FILE`."))
-    parser.add_argument("--run", required=True, help="run directory of a clean model, e.g. "
-                        "experiments/zoo/resnet20-gtsrb-clean")
-    parser.add_argument("--target", type=int, required=True, help="target class (all-to-one)")
-    parser.add_argument("--out", required=True, help="the .npy file to write")
-    parser.add_argument("--clean-images", type=int, default=500,
-                        help="stratified training images the search uses (default 500)")
-    defaults = LFSearchConfig()
-    for field in dataclasses.fields(LFSearchConfig):
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(getattr(defaults, field.name)),
-                            default=getattr(defaults, field.name))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data-dir", default=None)
-    args = parser.parse_args(argv)
-    run = checkpoint.load(args.run)
-    if run.attack is not None:
-        print(f"warning: {args.run} was trained with attack {run.attack.name}; LF expects a clean model",
-              file=sys.stderr)
-    config = LFSearchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(LFSearchConfig)})
-    train_set = load(run.dataset, "train", args.data_dir)
-    clean = stratified_subset(train_set, min(args.clean_images, len(train_set)), jax.random.key(args.seed))
-    target = TargetMap("all_to_one", args.target, train_set.info.num_classes)
-    result = find_lf_perturbation(run.module, run.variables, clean, target, jax.random.key(args.seed), config)
-    np.save(args.out, result.perturbation)
-    l2 = math.sqrt(float(np.sum(result.perturbation ** 2)))
-    print(f"wrote {args.out}: |δ|∞ {np.abs(result.perturbation).max():.4f}, |δ|₂ {l2:.3f}, targeted success "
-          f"{result.success:.3f} on the clean model after {len(result.history)} step(s)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
