@@ -80,6 +80,21 @@ def test_batched_ft_equals_one_finetune_per_setting(tiny_model, clean_set):
                            _unstack(stacked, 1)["params"]["classifier"]["kernel"])
 
 
+def test_a_loop_over_learning_rates_compiles_the_fine_tuning_step_once(tiny_model, clean_set):
+    """The rate is a per-model scale, not part of the compiled step's configuration."""
+    from bdjax import training
+    module, variables = tiny_model("small-bn")
+    runs = [finetune.finetune(module, variables, clean_set, jax.random.key(0),
+                              finetune.FinetuneConfig(epochs=1, batch_size=8, crop_padding=0, learning_rate=lr))
+            for lr in (0.011, 0.013, 0.017)]
+    misses = training._compiled_step.cache_info().misses
+    finetune.finetune(module, variables, clean_set, jax.random.key(0),
+                      finetune.FinetuneConfig(epochs=1, batch_size=8, crop_padding=0, learning_rate=0.019))
+    assert training._compiled_step.cache_info().misses == misses
+    kernels = [r.variables["params"]["classifier"]["kernel"] for r in runs]
+    assert not np.allclose(kernels[0], kernels[2])  # the rates still differ
+
+
 @pytest.mark.parametrize("name, field, grid", [("clp", "u", [0.5, 1.0, 2.0]), ("suspicion", "mu", [0.5, 1.0, 2.0])])
 def test_batched_thresholds_equal_the_defense_at_each_threshold(tiny_model, clean_set, name, field, grid):
     module, variables = tiny_model("small-bn")

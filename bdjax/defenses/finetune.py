@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
+
 from bdjax.data.dataset import Dataset
 from bdjax.defenses.base import DefenseResult, check_clean_set, register, register_batched, seed_keys, tile
-from bdjax.training import TrainConfig, train, train_many
+from bdjax.training import TrainConfig, train_many, unstack_models
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,8 +39,12 @@ def _train_config(config: FinetuneConfig, clean: Dataset) -> TrainConfig:
 def finetune(module, variables, clean: Dataset, key, config: FinetuneConfig = FinetuneConfig()) -> DefenseResult:
     """Fine-tune every parameter (and BN statistics) on ``clean`` with cross-entropy."""
     check_clean_set(clean, "fine-tuning")
-    result = train(module, clean, _train_config(config, clean), key, variables=variables, progress=False)
-    return DefenseResult(result.variables, info={"train_loss": [h["loss"] for h in result.history]})
+    # The rate goes in as a per-model scale (the compiled step's own rate is 1.0), so a sweep
+    # that loops over learning rates compiles the step once, not once per rate.
+    result = train_many(module, clean, _train_config(config, clean), jnp.asarray(key)[None],
+                        variables=tile(variables, 1), learning_rates=[config.learning_rate], progress=False)
+    return DefenseResult(unstack_models(result.variables, 1)[0],
+                         info={"train_loss": [float(h["loss"][0]) for h in result.history]})
 
 
 # Vmapped over parameter sets, each convolution becomes a grouped one, which XLA:CPU runs
