@@ -103,6 +103,11 @@ V2_GTSRB_ATTACKS = {
     "wanet": dict(attack="wanet"),
     "sig": dict(attack="sig"),
     "random-size": GTSRB_ATTACKS["random-size"],
+    # LF (TSBD table 1): the low-frequency universal perturbation found on the clean zoo v2
+    # ResNet-20 (max |δ| 0.1), committed beside the zoo; the path is relative to the repository root:
+    # python -m bdjax.attacks.lf_trigger --run experiments/zoo-v2/resnet20-gtsrb-clean --target 14 \
+    #     --out experiments/zoo-v2/lf-gtsrb-14.npy
+    "lf": dict(attack="lf", attack_args={"perturbation_file": "experiments/zoo-v2/lf-gtsrb-14.npy"}),
     "clean": dict(attack="none"),
 }
 # BNA table 1 poisons 100 images per source class: 900 of CIFAR-10's 50,000 training images.
