@@ -41,6 +41,7 @@ from bdjax import attacks as attacks_lib
 from bdjax import models
 from bdjax.attacks.base import Attack, TargetMap
 from bdjax.data.dataset import INFOS
+from bdjax.trees import flat_items, unflatten
 
 FORMAT_VERSION = 1
 VARIABLES_FILE = "variables.npz"
@@ -96,24 +97,8 @@ def atomic_write(path: Path, data: bytes):
         raise
 
 
-def _flat_items(tree):
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        yield "/".join(str(getattr(k, "key", k)) for k in path), leaf
-
-
 def _flatten(tree, prefix: str) -> dict[str, np.ndarray]:
-    return {f"{prefix}/{key}": np.asarray(leaf) for key, leaf in _flat_items(tree)}
-
-
-def _unflatten(flat: dict[str, np.ndarray]) -> dict:
-    tree: dict = {}
-    for key, value in flat.items():
-        node = tree
-        *parents, leaf = key.split("/")
-        for name in parents:
-            node = node.setdefault(name, {})
-        node[leaf] = value
-    return tree
+    return {f"{prefix}/{key}": np.asarray(leaf) for key, leaf in flat_items(tree)}
 
 
 def save(run_dir, variables: dict, record: dict, attack: Attack | None = None,
@@ -338,7 +323,7 @@ def load(run_dir) -> Run:
     except Exception as err:  # zipfile/pickle errors of many kinds
         raise CheckpointError(f"{path} cannot be read: {err}") from None
     _check_finite({k: v for k, v in flat.items() if not k.startswith("attack/")}, str(path))
-    tree = _unflatten(flat)
+    tree = unflatten(flat)
     variables = {k: tree[k] for k in ("params", "batch_stats") if k in tree}
     if record["dataset"] not in INFOS:
         raise CheckpointError(f"record names unknown dataset {record['dataset']!r}")
@@ -426,8 +411,8 @@ def _with_normalization(info, normalization, path):
 def _check_structure(module, variables, record, path):
     shape = INFOS[record["dataset"]].image_shape
     expected = jax.eval_shape(lambda: models.init_variables(module, jax.random.key(0), shape))
-    want = {k: tuple(v.shape) for k, v in _flat_items(expected)}
-    got = {k: tuple(np.shape(v)) for k, v in _flat_items(variables)}
+    want = {k: tuple(v.shape) for k, v in flat_items(expected)}
+    got = {k: tuple(np.shape(v)) for k, v in flat_items(variables)}
     if want.keys() != got.keys():
         missing, extra = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
         raise CheckpointError(f"{path} does not match model {record['model']!r}: "

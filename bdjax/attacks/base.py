@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bdjax import typecheck
+from bdjax.trees import flat_items, unflatten
 from bdjax.data.dataset import Dataset, check_pixel_range, to_float, to_uint8
 
 
@@ -111,8 +112,7 @@ class Attack:
             if isinstance(value, (jax.Array, np.ndarray)):
                 arrays[field.name] = np.asarray(value)
             elif isinstance(value, dict):  # a tree of arrays (a generator's variables): '/'-joined keys
-                for path, leaf in jax.tree_util.tree_leaves_with_path(value):
-                    arrays["/".join([field.name, *(str(getattr(k, "key", k)) for k in path)])] = np.asarray(leaf)
+                arrays.update({f"{field.name}/{key}": np.asarray(leaf) for key, leaf in flat_items(value)})
             else:
                 meta[field.name] = value
         return meta, arrays
@@ -287,7 +287,7 @@ def from_record(meta: dict, arrays: dict[str, np.ndarray]) -> Attack:
         raise ValueError(f"checkpoint names unknown attack {name!r}; known: {sorted(ATTACKS)}")
     cls = ATTACKS[name]
     field_names = {f.name for f in dataclasses.fields(cls)}
-    arrays = _nest(arrays)
+    arrays = unflatten(arrays)
     missing = field_names - set(meta) - set(arrays)
     if missing:
         raise ValueError(f"saved attack {name!r} lacks fields {sorted(missing)}")
@@ -295,18 +295,6 @@ def from_record(meta: dict, arrays: dict[str, np.ndarray]) -> Attack:
     values = {k: _to_tuple(v) for k, v in meta.items() if k in field_names}
     values.update({k: jax.tree_util.tree_map(jnp.asarray, v) for k, v in arrays.items() if k in field_names})
     return cls(**values)
-
-
-def _nest(arrays: dict) -> dict:
-    """'/'-joined keys (``to_record``'s for tree fields) as nested dicts; nested input stays nested."""
-    nested: dict = {}
-    for key, value in arrays.items():
-        node = nested
-        *parents, leaf = key.split("/")
-        for name in parents:
-            node = node.setdefault(name, {})
-        node[leaf] = value
-    return nested
 
 
 def _to_tuple(value):
