@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -37,6 +38,9 @@ from bdjax import checkpoint, defenses
 from bdjax.data import clean_defense_split, load, stratified_subset
 from bdjax.evaluation import TestSets, evaluate, evaluate_model, model_classifier
 from bdjax.runs import split_for_defense
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tables  # noqa: E402  (experiments/tables.py)
 
 HERE = Path(__file__).resolve().parent
 
@@ -78,11 +82,7 @@ def suspects(run: checkpoint.Run, count: int, data_dir, seed: int = 0) -> np.nda
 
 def bench_one(run, method: str, overrides: dict, clean, sets, filter_sets, seed: int) -> dict:
     spec = defenses.get(method)
-    config = defenses.make_config(spec.config_cls, overrides)
-    started = time.perf_counter()
-    result = spec.fn(run.module, run.variables, clean, jax.random.key(seed), config)
-    jax.block_until_ready(result.variables)
-    seconds = time.perf_counter() - started
+    result, seconds = tables.timed_defense(run, method, overrides, clean, seed)
     eval_sets = filter_sets if spec.detector else sets
     classifier = result.classifier or model_classifier(run.module, result.variables)
     started = time.perf_counter()

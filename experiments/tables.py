@@ -128,12 +128,7 @@ def measure(run, name: str, attack: str, k: int, seed: int, methods: dict[str, t
         print(line(before), flush=True)
     for method in todo:
         registered, overrides = methods[method]
-        spec = defenses.get(registered)
-        config = defenses.make_config(spec.config_cls, overrides)
-        started = time.perf_counter()
-        result = spec.fn(run.module, run.variables, clean, jax.random.key(seed), config)
-        jax.block_until_ready(result.variables)
-        seconds = time.perf_counter() - started
+        result, seconds = timed_defense(run, registered, overrides, clean, seed)
         rows = outputs(registered, result) if outputs else [(None, result.variables, None, scalars(result.info))]
         for label, variables, secs, info in rows:
             label = label or method
@@ -145,6 +140,17 @@ def measure(run, name: str, attack: str, k: int, seed: int, methods: dict[str, t
                         seconds=seconds if secs is None else secs, info=info)
             record.add(cell)
             print(line(cell), flush=True)
+
+
+def timed_defense(run, method: str, overrides: dict, clean, seed: int):
+    """(DefenseResult, seconds) of registered defense ``method`` with config ``overrides``
+    on ``run``; the seconds include compilation and wait for the result's arrays."""
+    spec = defenses.get(method)
+    config = defenses.make_config(spec.config_cls, overrides)
+    started = time.perf_counter()
+    result = spec.fn(run.module, run.variables, clean, jax.random.key(seed), config)
+    jax.block_until_ready(result.variables)
+    return result, time.perf_counter() - started
 
 
 def scalars(info: dict) -> dict:
