@@ -248,13 +248,15 @@ def test_both_defenses_are_registered():
 
 # --------------------------------------------------------------------------- real data
 @pytest.mark.realdata
-def test_anp_with_one_image_per_class_keeps_clean_accuracy_but_not_the_backdoor_out(
-        zoo_badnets_run, gtsrb_one_per_class):
-    """The paper's claim (Sec. II, Table I): ANP fails to locate backdoor neurons with a tiny
-    clean set. Masks learned on 22 images (50 iterations, eps 0.2, running BN statistics, no
-    crop: the model was trained without augmentation) and a threshold held to a 10-point ACC
-    drop on the other 21 prune few neurons; ACC stays within 15 points and ASR above 0.8
-    (measured on the zoo model: threshold 0.5, 8 neurons, ASR 0.997 -> 0.983, ACC 0.901 -> 0.805)."""
+def test_anp_with_one_image_per_class_fails_to_remove_the_backdoor(zoo_badnets_run, gtsrb_one_per_class):
+    """A documented failure, the paper's claim (Sec. II, Table I): ANP does not locate backdoor
+    neurons with a tiny clean set. Masks learned on 22 images (50 iterations, eps 0.2, running BN
+    statistics, no crop: the model was trained without augmentation) and a threshold held to a
+    10-point ACC drop on the other 21 leave the model as it was (measured on the zoo v2 model:
+    threshold 0.0, nothing pruned, ASR 1.000, ACC 0.950; on the weaker zoo v1 model 8 neurons,
+    ASR 0.997 -> 0.983, ACC 0.901 -> 0.805). ANP working needs its 2,000 iterations on more
+    data, beyond this test's budget (experiments/results/baseline_fidelity.md: 200 iterations on
+    430 images take ~500 s on the zoo v2 ResNet-20)."""
     run = zoo_badnets_run
     clean, sets = gtsrb_one_per_class
     before = evaluate_model(run.module, run.variables, sets)
@@ -268,17 +270,22 @@ def test_anp_with_one_image_per_class_keeps_clean_accuracy_but_not_the_backdoor_
 
 
 @pytest.mark.realdata
-def test_nad_at_its_cifar_betas_with_one_image_per_class_erases_the_backdoor_with_the_model(
-        zoo_badnets_run, gtsrb_one_per_class):
-    """NAD's β = 500/1000/1000 were set for WRN attention maps of 32x32 to 8x8; on medium-bn's
-    last three units (8x8, 4x4, 2x2 maps) the distillation term dominates the 10 student
-    steps on 43 images and the model collapses: ASR to ~0 and ACC to chance (measured on the
-    zoo model: ASR 0.997 -> 0.000, ACC 0.901 -> 0.007; the student's CE rises from 2.6 to 4.6
-    in the first steps, above chance's ln 43 = 3.76)."""
+def test_nad_with_ten_images_per_class_and_betas_scaled_to_its_maps_removes_the_backdoor(
+        zoo_badnets_run, gtsrb_ten_per_class):
+    """NAD's β = 500/1000/1000 were set for WRN attention maps of 32x32 to 8x8; on medium-bn's last
+    three units (8x8, 4x4, 2x2 maps) they make the distillation term dominate and the model
+    collapses (measured on the zoo v2 model: ACC 0.949 -> 0.046 with 430 images, 0.009 with 43).
+    With β a tenth of that, 50/100/100, and 430 clean images (10 epochs for teacher and student)
+    NAD removes the backdoor and keeps most of the clean accuracy. Measured (two runs, 2 cores):
+    ASR 0.999 -> 0.042 and 0.102, ACC 0.949 -> 0.869 (β 5/10/10: ASR 0.141, ACC 0.889; with 43
+    images neither removes it: ASR 0.94 / 0.98)."""
     run = zoo_badnets_run
-    clean, sets = gtsrb_one_per_class
-    result = nad.nad(run.module, run.variables, clean, jax.random.key(0), nad.NadConfig())
+    clean, sets = gtsrb_ten_per_class
+    before = evaluate_model(run.module, run.variables, sets)
+    result = nad.nad(run.module, run.variables, clean, jax.random.key(0), nad.NadConfig(betas=(50.0, 100.0, 100.0)))
     after = evaluate_model(run.module, result.variables, sets)
-    print(f"NAD: ASR {after.asr:.3f}, ACC {after.acc:.3f}; losses {result.info['history']}")
-    assert after.asr < 0.05
-    assert after.acc < 0.1
+    print(f"NAD: ASR {before.asr:.3f} -> {after.asr:.3f}, ACC {before.acc:.3f} -> {after.acc:.3f}; "
+          f"losses {result.info['history']}")
+    assert before.asr > 0.95
+    assert after.asr < 0.2
+    assert after.acc > before.acc - 0.12

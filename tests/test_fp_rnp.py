@@ -132,29 +132,39 @@ def test_both_baselines_are_registered():
 
 # --------------------------------------------------------------------------- real data
 @pytest.mark.realdata
-def test_fp_removes_a_real_badnets_backdoor_and_rnp_removes_it_with_the_model(zoo_badnets_run, gtsrb_ten_per_class):
-    """The zoo's medium-bn, real GTSRB BadNets (ASR 0.995, ACC 0.894 on these 1,000 images), defaults
-    (FP's fine-tuning cut to 10 epochs for the test's budget).
+def test_fp_lowers_the_asr_of_a_real_badnets_model_and_keeps_clean_accuracy(zoo_badnets_run, gtsrb_ten_per_class):
+    """Zoo v2 medium-bn, real GTSRB BadNets (ASR 0.999, ACC 0.949 on these 1,000 images), 430 clean
+    images, FP's defaults with its fine-tuning cut to 10 epochs for the test's budget.
 
-    Measured: FP prunes 2 of 16 pooled features (BackdoorBench's layer; 3 BN channels of the last
-    conv before issue 31), ASR 0.995 -> 0.066, ACC 0.894 -> 0.712 (was 0.049 / 0.756).
-    RNP unlearns to clean ACC 0.19 in 3 steps, then its recovery masks fall below 0.7 on 50 of
-    160 BN neurons: ASR -> 0.0 but ACC -> 0.028 -- with 430 clean images RNP's defaults prune
-    clean neurons too (the same on the 15,000-image run of experiments/results/tsbd_tables.md)."""
+    Measured: FP prunes 3 of 16 pooled features (BackdoorBench's layer), ASR 0.999 -> 0.195,
+    ACC 0.949 -> 0.870. It lowers the backdoor by four fifths without removing it; on the weaker
+    zoo v1 model it went further (ASR 0.995 -> 0.066, ACC 0.894 -> 0.712)."""
     run = zoo_badnets_run
     clean, sets = gtsrb_ten_per_class
     before = evaluate_model(run.module, run.variables, sets)
     fp = fine_pruning.fine_pruning(run.module, run.variables, clean, jax.random.key(0),
                                    fine_pruning.FinePruningConfig(finetune=FinetuneConfig(epochs=10)))
-    fp_after = evaluate_model(run.module, fp.variables, sets)
+    after = evaluate_model(run.module, fp.variables, sets)
+    print(f"before {before}; FP {after} ({fp.info['pruned_count']} pruned)")
+    assert before.asr > 0.95
+    assert fp.info["pruned_count"] > 0 and after.asr < 0.3
+    assert after.acc > before.acc - 0.1
+
+
+@pytest.mark.realdata
+def test_rnp_at_its_paper_threshold_removes_the_backdoor_with_the_model(zoo_badnets_run, gtsrb_ten_per_class):
+    """A documented failure (same model and set, RNP's defaults). Measured on zoo v2: unlearning
+    reaches clean ACC 0.11 in 6 steps, then the recovery masks fall below 0.7 on 47 of 160 BN
+    neurons: ASR 0.999 -> 0.000 but ACC 0.949 -> 0.004 (zoo v1: 50 neurons, ACC 0.028). With 430
+    clean images RNP's defaults prune clean neurons too (the same on the 15,000-image run of
+    experiments/results/tsbd_tables.md)."""
+    run = zoo_badnets_run
+    clean, sets = gtsrb_ten_per_class
     pruned = rnp.rnp(run.module, run.variables, clean, jax.random.key(0))
-    rnp_after = evaluate_model(run.module, pruned.variables, sets)
-    print(f"before {before}; FP {fp_after} ({fp.info['pruned_count']} pruned); "
-          f"RNP {rnp_after} ({pruned.info['pruned_count']} pruned, unlearning {pruned.info['unlearning']})")
-    assert before.asr > 0.9
-    assert fp.info["pruned_count"] > 0 and fp_after.asr < 0.1 and fp_after.acc > before.acc - 0.2
+    after = evaluate_model(run.module, pruned.variables, sets)
+    print(f"RNP {after} ({pruned.info['pruned_count']} pruned, unlearning {pruned.info['unlearning']})")
     assert pruned.info["unlearning"]["reached"] and pruned.info["pruned_count"] > 0
-    assert rnp_after.asr < 0.05  # the backdoor is gone (and, measured, most of the clean accuracy too)
+    assert after.asr < 0.05 and after.acc < 0.1
 
 
 def test_a_dict_for_a_nested_config_overrides_only_the_named_fields():

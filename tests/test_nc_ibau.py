@@ -168,8 +168,9 @@ def test_ibau_bad_inputs(tiny_model, info):
 @pytest.mark.realdata
 @pytest.mark.heavy
 def test_neural_cleanse_flags_label_14_and_unlearning_lowers_asr(zoo_badnets_run, gtsrb_ten_per_class):
-    """Measured (zoo medium-bn BadNets, 430 clean images, one core, 377 s): labels 5 and 14 flagged
-    (5 is a false positive), ASR 0.995 -> 0.004, ACC 0.894 -> 0.851, SIA 0.845."""
+    """Measured (zoo v2 medium-bn BadNets, 430 clean images, 2 cores, 103 s): label 14 alone flagged,
+    ASR 0.999 -> 0.001, ACC 0.949 -> 0.935, SIA 0.921 (zoo v1: labels 5 and 14 flagged, 5 a false
+    positive, ASR 0.995 -> 0.004, ACC 0.894 -> 0.851)."""
     run = zoo_badnets_run
     clean, sets = gtsrb_ten_per_class
     config = neural_cleanse.NCConfig(reverse=ReverseConfig(steps=60, batch_size=16, chunk_size=43))
@@ -178,20 +179,21 @@ def test_neural_cleanse_flags_label_14_and_unlearning_lowers_asr(zoo_badnets_run
     before = evaluate_model(run.module, run.variables, sets)
     after = evaluate_model(run.module, result.variables, sets)
     print(f"NC: infected {result.info['infected']}, before {before}, after {after}")
-    assert before.asr > 0.9 and after.asr < 0.3
-    assert after.acc > before.acc - 0.1
+    assert before.asr > 0.95 and after.asr < 0.1
+    assert after.acc > before.acc - 0.05
 
 
 @pytest.mark.realdata
 @pytest.mark.heavy
 def test_ibau_lowers_asr(zoo_badnets_run, gtsrb_ten_per_class):
-    """Measured (same model and set, defaults except outer lr 1e-3, one core, 395 s): ASR 0.995 -> 0.020,
-    ACC 0.894 -> 0.807, SIA 0.338."""
+    """Measured (same model and set, defaults except outer lr 1e-3, 2 cores, 40 s): ASR 0.999 -> 0.219,
+    ACC 0.949 -> 0.909, SIA 0.092 (zoo v1: ASR 0.995 -> 0.020, ACC 0.894 -> 0.807). On the stronger
+    model I-BAU lowers the backdoor by four fifths at a 4-point ACC cost but does not remove it."""
     run = zoo_badnets_run
     clean, sets = gtsrb_ten_per_class
     result = ibau.ibau(run.module, run.variables, clean, jax.random.key(0), ibau.IBAUConfig(learning_rate=1e-3))
     before = evaluate_model(run.module, run.variables, sets)
     after = evaluate_model(run.module, result.variables, sets)
     print(f"I-BAU: before {before}, after {after}")
-    assert before.asr > 0.9 and after.asr < before.asr - 0.3
-    assert after.acc > before.acc - 0.15
+    assert before.asr > 0.95 and after.asr < 0.4
+    assert after.acc > before.acc - 0.1

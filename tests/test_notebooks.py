@@ -1,4 +1,5 @@
-"""The notebooks run top to bottom (nbclient), on the committed zoo models (no training)."""
+"""The notebooks run top to bottom (nbclient), on the committed zoo models of the defense tests
+(conftest's ZOO_BADNETS_DIR and ZOO_CLEAN_DIR; no training)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ZOO_DIR
+from conftest import ZOO_BADNETS_DIR, ZOO_CLEAN_DIR
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
@@ -29,8 +30,8 @@ def test_notebook_executes(path, zoo_badnets_run, zoo_clean_run, data_dir, tmp_p
     import nbformat
 
     monkeypatch.setenv("BDJAX_DATA_DIR", data_dir)
-    monkeypatch.setenv("BDJAX_NOTEBOOK_RUN", str(ZOO_DIR / "medium-bn-gtsrb-badnets"))
-    monkeypatch.setenv("BDJAX_NOTEBOOK_CLEAN_RUN", str(ZOO_DIR / "medium-bn-gtsrb-clean"))
+    monkeypatch.setenv("BDJAX_NOTEBOOK_RUN", str(ZOO_BADNETS_DIR))
+    monkeypatch.setenv("BDJAX_NOTEBOOK_CLEAN_RUN", str(ZOO_CLEAN_DIR))
     monkeypatch.setenv("BDJAX_NOTEBOOK_EVAL_LIMIT", "500")
     monkeypatch.setenv("BDJAX_NOTEBOOK_QUICK", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")

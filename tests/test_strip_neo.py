@@ -170,7 +170,7 @@ REAL_INPUTS = 30
 
 @pytest.fixture(scope="module")
 def badnets_inputs(zoo_badnets_run, gtsrb_test):
-    """30 successfully triggered and 30 clean GTSRB test images of the zoo BadNets model, and
+    """30 successfully triggered and 30 clean GTSRB test images of the zoo v2 BadNets model, and
     the defender's clean set (2 per class, held out of those inputs)."""
     from conftest import optimized_compilation
 
@@ -205,8 +205,9 @@ def test_strip_flags_badnets_inputs_by_their_low_entropy(badnets_inputs):
     config = strip.STRIPConfig(num_overlays=50, input_weight=1.0, overlay_weight=1.0, false_positive_rate=0.15)
     result = strip.strip(run.module, run.variables, clean, jax.random.key(0), config)
     tpr, fpr = detection_rates(result.classifier, triggered, clean_inputs)
-    # Measured (zoo model): TPR 1.0, FPR 0.20 — above the nominal 15%: the threshold is a
-    # quantile of only 86 clean entropies (experiments/results/cetf_tables.md: FPR 0.07 on more inputs).
+    print(f"STRIP: TPR {tpr:.2f}, FPR {fpr:.2f}, threshold {result.info['threshold']}")
+    # Measured (zoo v2 model): TPR 1.0, FPR 0.27 (zoo v1: 0.20) — above the nominal 15%: the threshold
+    # is a quantile of only 86 clean entropies (experiments/results/cetf_tables.md: FPR 0.07 on more inputs).
     assert tpr >= 0.8 and fpr <= 0.35, (tpr, fpr, result.info["threshold"])
 
 
@@ -220,7 +221,8 @@ def test_neo_flags_badnets_inputs_and_finds_the_trigger_corner(badnets_inputs):
     found = neo.screen(run.module, run.variables, np.concatenate([triggered, clean_inputs]), confirm, config)
     n = len(triggered)
     tpr, fpr = found.poisoned[:n].mean(), found.poisoned[n:].mean()
-    # Measured (zoo model): TPR 1.0, FPR 0.0.
+    print(f"NEO: TPR {tpr:.2f}, FPR {fpr:.2f}")
+    # Measured (zoo v2 model, as on zoo v1): TPR 1.0, FPR 0.0.
     assert tpr >= 0.8 and fpr <= 0.15, (tpr, fpr, found.score.tolist())
     boxes = found.box[:n][found.poisoned[:n]]
     assert np.all((boxes[:, 0] == 0) & (boxes[:, 1] == 0)), boxes.tolist()  # the trigger sits at (0, 0)

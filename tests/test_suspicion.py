@@ -180,17 +180,24 @@ def gtsrb_scores(zoo_badnets_run, gtsrb_one_per_class):
     return suspicion.suspicion_scores(run.module, run.variables, gtsrb_one_per_class[0])
 
 
+# Documented failures: on medium-bn GTSRB BadNets neither suspicion pruning nor CLP removes the
+# backdoor, on the strong zoo v2 model as on the weak v1 one. (Nor does suspicion on the zoo v2
+# ResNet-20, 43 images: μ 2.5 prunes 13 channels, ASR 1.000 -> 0.358 at ACC 0.973 -> 0.878, and
+# lower μ raises ASR again.) Where it works, on CIFAR-10 Blended (zoo v1), is the last test.
 @pytest.mark.realdata
-def test_suspicion_and_clp_at_paper_defaults_prune_nothing_on_a_16_to_64_channel_badnets_model(
-        zoo_badnets_run, gtsrb_scores):
-    """Measured (zoo medium-bn, BadNets, ASR 0.997 / ACC 0.901, 43 clean images): neither μ = 3.5 nor
-    CLP's u = 3 flags any channel. With 16-64 channels per layer, a score above mean + 3.5 std
-    (ddof 1) needs one isolated extreme outlier, since the largest possible z-score of n
-    values is (n - 1) / sqrt(n) = 3.75 for n = 16 (Samuelson's inequality); the backdoor stays."""
+def test_suspicion_and_clp_at_paper_defaults_leave_the_backdoor_of_a_16_to_64_channel_model(
+        zoo_badnets_run, gtsrb_one_per_class, gtsrb_scores):
+    """Measured (zoo v2 medium-bn, BadNets, ASR 1.000 / ACC 0.950 on these 1,000 images, 43 clean
+    images): μ = 3.5 flags no channel; CLP's u = 3 flags one (conv1 channel 13), ASR 0.999, ACC
+    0.944 (on zoo v1 none). With 16-64 channels per layer, a score above mean + 3.5 std (ddof 1)
+    needs one isolated extreme outlier, since the largest possible z-score of n values is
+    (n - 1) / sqrt(n) = 3.75 for n = 16 (Samuelson's inequality); the backdoor stays."""
     run = zoo_badnets_run
     _, pruned = suspicion.prune(run.module, run.variables, gtsrb_scores, suspicion.SuspicionConfig().mu)
     assert sum(map(len, pruned.values())) == 0
-    assert clp.clp(run.module, run.variables, None, None).info["pruned_count"] == 0
+    result = clp.clp(run.module, run.variables, None, None)
+    assert result.info["pruned_count"] <= 1
+    assert evaluate_model(run.module, result.variables, gtsrb_one_per_class[1]).asr > 0.95
 
 
 @pytest.mark.realdata
@@ -200,7 +207,9 @@ def test_lowering_mu_trades_clean_accuracy_for_asr_on_badnets_gtsrb(zoo_badnets_
     μ = 2 prunes a few channels: ACC drops more than 5 points while the backdoor stays (ASR > 0.9);
     μ = 1 lowers ASR by more than half only by destroying the model (ACC < 0.3). On this
     16-64-channel model the score does not single out the backdoor channels (the paper's
-    ResNet-18 has 64-512 per layer). Measured: ASR 0.997 -> 0.987 -> 0.229, ACC 0.901 -> 0.763 -> 0.140."""
+    ResNet-18 has 64-512 per layer). Measured on zoo v2: 6 and 27 channels, ASR 1.000 -> 0.984 ->
+    0.026, ACC 0.950 -> 0.890 -> 0.231 (zoo v1: ASR 0.997 -> 0.987 -> 0.229, ACC 0.901 -> 0.763 ->
+    0.140; with 430 clean images on v2, μ = 1 leaves ASR 0.870 at ACC 0.465)."""
     run = zoo_badnets_run
     _, sets = gtsrb_one_per_class
     before = evaluate_model(run.module, run.variables, sets)
@@ -216,7 +225,8 @@ def test_lowering_mu_trades_clean_accuracy_for_asr_on_badnets_gtsrb(zoo_badnets_
 
 @pytest.mark.realdata
 def test_suspicion_pruning_lowers_blended_asr_on_cifar10_resnet20_with_ten_clean_images(data_dir):
-    """The zoo's CIFAR-10 ResNet-20 with the blended trigger (ACC 0.665 / ASR 0.998), defended with
+    """Zoo v1's CIFAR-10 ResNet-20 with the blended trigger (ACC 0.665 / ASR 0.998; zoo v2 has no
+    CIFAR-10 model yet), defended with
     the paper's 10 clean images (1 per class). μ = 3 is the value the paper names for Blend
     (RQ3); the default 3.5 prunes 3 channels and leaves the backdoor. Measured (1,000 evaluation
     images): μ 3 prunes 6 channels, ASR 0.999 -> 0.600, ACC 0.673 -> 0.630; μ 2 prunes 28, ASR 0.001

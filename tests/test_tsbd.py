@@ -211,13 +211,15 @@ def test_clean_unlearning_stops_once_clean_accuracy_reaches_the_target(tiny_mode
 # --------------------------------------------------------------------------- real data
 @pytest.mark.realdata
 def test_tsbd_removes_a_real_badnets_backdoor_and_keeps_clean_accuracy(zoo_badnets_run, gtsrb_ten_per_class):
-    """The zoo's medium-bn, real GTSRB BadNets (ASR 0.995, ACC 0.894 on these 1,000 images): TSBD
-    with its defaults except 10 fine-tuning epochs (the test's budget) brings ASR below 10%.
+    """Zoo v2 medium-bn, real GTSRB BadNets (ASR 0.999, ACC 0.949 on these 1,000 images): TSBD
+    with its defaults except 10 fine-tuning epochs (the test's budget) brings ASR below 10% and
+    keeps ACC within 10 points.
 
-    Measured: ASR 0.995 -> 0.047, ACC 0.894 -> 0.680, DER 0.87 (stage 1 alone: ASR 0.995,
-    ACC 0.884; unlearning reached clean ACC 0.08 in 64 steps; n = 1% chosen on clean validation
-    data). With 430 clean images and 10 epochs, ACC is kept within 25 points, not within the
-    paper's ~1 point (5% clean data and 20 epochs: ACC 85.7 / ASR 0.5, experiments/results/tsbd_tables.md)."""
+    Measured: ASR 0.999 -> 0.046, ACC 0.949 -> 0.871, DER 0.94 (stage 1 alone: ASR 0.999,
+    ACC 0.914; unlearning reached clean ACC 0.09 in 132 steps; n = 5% chosen on clean validation
+    data). On the weaker zoo v1 model ACC fell 21 points (0.894 -> 0.680, ASR 0.047). Not the
+    paper's ~1 point: that needs 5% clean data and 20 epochs (ACC 85.7 / ASR 0.5 in
+    experiments/results/tsbd_tables.md)."""
     run = zoo_badnets_run
     clean, sets = gtsrb_ten_per_class
     before = evaluate_model(run.module, run.variables, sets)
@@ -228,5 +230,5 @@ def test_tsbd_removes_a_real_badnets_backdoor_and_keeps_clean_accuracy(zoo_badne
           f"unlearning {result.info['unlearning']}, sweep {result.info['sweep']}, seconds {result.info['seconds']}")
     assert result.info["unlearning"]["reached"]
     assert before.asr > 0.9 and after.asr < 0.1
-    assert after.acc > before.acc - 0.25
-    assert defense_effectiveness_rating(before.acc, before.asr, after.acc, after.asr) > 0.8
+    assert after.acc > before.acc - 0.1
+    assert defense_effectiveness_rating(before.acc, before.asr, after.acc, after.asr) > 0.9
