@@ -18,9 +18,8 @@ def test_badnets_on_real_gtsrb_reaches_high_asr(gtsrb_badnets_run):
     assert metrics["asr"] > 0.9, metrics
 
 
-# Each backdoored model beside its clean twin of the same zoo and recipe: ResNet-20 from zoo v2 (full
-# training split), medium-bn from the zoo that holds the tests' clean twin (v1, 15,000 images, until
-# zoo v2 has medium-bn-gtsrb-clean).
+# Each backdoored model beside its clean twin of the same zoo and recipe (zoo v2, full training split):
+# ResNet-20 with the default recipe, medium-bn with the thesis recipe.
 @pytest.mark.parametrize("zoo, model", [(ZOO_V2_DIR, "resnet20"), (ZOO_CLEAN_DIR.parent, "medium-bn")],
                          ids=["resnet20-v2", "medium-bn"])
 def test_backdoor_keeps_accuracy_close_to_the_clean_model(zoo, model):

@@ -338,14 +338,14 @@ def test_bn_alignment_with_the_true_trigger_restores_the_source_classes(zoo_resn
 @pytest.mark.heavy
 def test_pair_search_flags_the_backdoor_pair_and_passes_a_clean_model_unchanged(zoo_badnets_run, zoo_clean_run,
                                                                                  gtsrb_ten_per_class):
-    """Detection before mitigation on the zoo's medium-bn GTSRB models (zoo v2 BadNets target 14;
-    zoo v1's model of that architecture without poison, until zoo v2 trains it): every pair (13, t),
+    """Detection before mitigation on the zoo v2 medium-bn GTSRB models (BadNets target 14 and its
+    clean twin): every pair (13, t),
     13 = yield sign, 60 steps of the NC mask objective on the 10 defense images of class 13, MAD
     threshold 7. Source 13 is not a speed-limit sign: between those a few pixels turn one into
     another and raise false targets (experiments/results/bna_tables.md). Measured 2026-12-03
     (2 cores, 102 s for the test): backdoored (zoo v2), (13, 14) alone detected, MAD score 37.8
-    with ‖m‖₁ 5.3 (next (13, 38) 4.4); clean, through ``bna.bna`` (its own split of the key),
-    nothing (largest 4.9). On zoo v1's backdoored model: MAD 19.6, ‖m‖₁ 6.9 (next (13, 5) 5.7).
+    with ‖m‖₁ 5.3 (next (13, 38) 4.4); the zoo v2 clean twin, through ``bna.bna`` (its own split of
+    the key), nothing (largest (13, 5) 4.05; zoo v1's clean model: 4.9). On zoo v1's backdoored model: MAD 19.6, ‖m‖₁ 6.9 (next (13, 5) 5.7).
     30 steps were too few on v1: no mask had shrunk yet (‖m‖₁ > 100)."""
     clean, _ = gtsrb_ten_per_class
     config = bna.BNAConfig(reverse=ReverseConfig(steps=60, batch_size=10, chunk_size=42), source_classes=(13,))
