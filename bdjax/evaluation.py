@@ -36,6 +36,8 @@ def model_classifier(module, variables, batch_size: int = 500) -> Classifier:
 class TestSets:
     """A clean evaluation set and its triggered copy (only images the attack relabels)."""
 
+    __test__ = False  # not a pytest test class, despite its name
+
     clean: Dataset
     triggered: Dataset  # triggered images with their TRUE labels
     targets: np.ndarray  # target label of each triggered image
