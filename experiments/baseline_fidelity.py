@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -29,16 +29,12 @@ from bdjax import checkpoint, defenses
 from bdjax.evaluation import evaluate_model
 from bdjax.runs import split_for_defense
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tables  # noqa: E402  (experiments/tables.py)
+
 HERE = Path(__file__).resolve().parent
 RUN = HERE / "zoo-v2" / "resnet20-gtsrb-badnets"
 RESULTS = HERE / "results" / "baseline_fidelity"
-
-
-def commit() -> str:
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True, check=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "../bdjax/defenses"], cwd=HERE,
-                           capture_output=True, text=True, check=True)
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 # "before": bdjax's conventions until issue 31's item 3, through the config switches that keep them.
@@ -89,7 +85,7 @@ def save(args, part: dict):
 
 
 def run_phase(args) -> dict:
-    at = commit()  # before the (minutes-long) runs, so later edits of the tree do not change it
+    at = tables.commit("../bdjax/defenses")  # before the (minutes-long) runs, so later edits of the tree do not change it
     run = checkpoint.load(RUN)
     target = int(run.target.target)
     clean, sets = split_for_defense(run, args.clean_per_class, args.seed, args.data_dir, args.eval_limit)

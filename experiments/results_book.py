@@ -59,11 +59,6 @@ def verdict(asr: float, cost: float, paper_asr: float, paper_cost: float) -> str
     return "not"
 
 
-def _mean_std(values) -> str:
-    values = 100 * np.asarray(values, float)
-    return f"{values.mean():.1f}" + (f" ± {values.std(ddof=1):.1f}" if len(values) > 1 else "")
-
-
 def measured_summary() -> str:
     """The generated summary: every (model, clean set, method) of the summary sources' records
     that the paper has a row for, paper vs ours, with VERDICT_RULE's verdict."""
@@ -89,7 +84,7 @@ def measured_summary() -> str:
             paper_cost = paper["acc_before"] - paper["acc"]
             same = paper["dataset"] == group[0]["dataset"]
             rows.append(f"| {method} | {group[0]['attack']} | {run} ({group[0]['dataset']}), k = {k} | "
-                        f"{100 * paper['asr']:.1f} / {100 * paper_cost:.1f} | {_mean_std(asr)} / {_mean_std(cost)} "
+                        f"{100 * paper['asr']:.1f} / {100 * paper_cost:.1f} | {tables.mean_std(asr, digits=1, count=False)} / {tables.mean_std(cost, digits=1, count=False)} "
                         f"| {len(paired)} | {'same' if same else 'paper: ' + paper['dataset'] + ' ' + paper['model']} "
                         f"| {verdict(np.mean(asr), np.mean(cost), paper['asr'], paper_cost)} | `{source}` |")
     lines = ["## Summary: paper vs ours (generated from the records)", "",

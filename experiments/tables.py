@@ -15,9 +15,8 @@ import datetime
 import json
 import math
 import subprocess
-from pathlib import Path
-
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -41,12 +40,15 @@ def zoo_run(zoo: str, name: str) -> checkpoint.Run:
     return checkpoint.load(path)
 
 
-def commit() -> str:
-    """The repository's commit, '+dirty' when the working tree has uncommitted changes."""
+def commit(*paths: str) -> str:
+    """The repository's commit, '+dirty' when the working tree has uncommitted changes to tracked
+    files (with ``paths``: any change under them, new files included; relative to this folder)."""
     def git(*args):
         return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True).stdout.strip()
     sha = git("rev-parse", "--short", "HEAD") or "unknown"
-    return sha + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    dirty = git("status", "--porcelain", "--", *paths) if paths else git("status", "--porcelain",
+                                                                          "--untracked-files=no")
+    return sha + ("+dirty" if dirty else "")
 
 
 class CellRecord:
@@ -88,14 +90,16 @@ def _jsonable(value):
     raise TypeError(f"not JSON: {type(value).__name__}")
 
 
-def mean_std(values, scale: float = 100.0, digits: int = 2) -> str:
-    """'91.23 ± 0.45 (n=3)' of the finite values (in % with the default scale); '–' if none."""
+def mean_std(values, scale: float = 100.0, digits: int = 2, count: bool = True) -> str:
+    """'91.23 ± 0.45 (n=3)' of the finite values (in % with the default scale; without the
+    count with ``count=False``; no ± for one value); '–' if none."""
     values = [scale * v for v in values if v is not None and math.isfinite(v)]
     if not values:
         return "–"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f} (n=1)"
-    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f} (n={len(values)})"
+    text = f"{np.mean(values):.{digits}f}"
+    if len(values) > 1:
+        text += f" ± {np.std(values, ddof=1):.{digits}f}"
+    return text + (f" (n={len(values)})" if count else "")
 
 
 def group(cells: list[dict], fields: tuple[str, ...]) -> dict[tuple, list[dict]]:
