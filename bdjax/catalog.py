@@ -12,7 +12,7 @@ MODEL_NAMES = ("resnet20", "resnet32", "resnet56", "resnet18", "preact-resnet18"
                "vgg11-bn", "vgg16-bn", "mobilenet-v2", "mobilenet-v2-torchvision", "small", "small-bn", "medium",
                "medium-bn", "large", "large-bn")
 ATTACK_NAMES = ("badnets", "blended", "cb", "input-aware", "lf", "multi-patch", "random-size-patch", "sig", "sp",
-                "trojan", "wanet")
+                "ssba", "trojan", "wanet")
 RECIPE_NAMES = ("backdoorbench", "default", "thesis")
 DEFENSE_NAMES = ("abs", "anp", "bna", "cetf", "cetf+bn-clean", "cetf+bn-unlearn", "cetf+unlearn", "clp", "fp",
                  "ft", "ibau", "nad", "nc", "neo", "rnp", "strip", "suspicion", "tac", "tsbd")

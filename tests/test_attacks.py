@@ -12,6 +12,7 @@ import pytest
 
 from bdjax.attacks import (ATTACKS, TRAINED_WITH_MODEL, TargetMap, from_record, make, poison_test_set,
                            poison_training_set)
+from bdjax.attacks.ssba import Encoder
 from bdjax.attacks.warp import grid_sample, identity_grid, upsample_align_corners
 from bdjax.data.dataset import Dataset, DatasetInfo, to_float
 
@@ -32,6 +33,8 @@ SETTINGS = {
     "cb": dict(),
     "sp": dict(),
     "lf": dict(perturbation=np.linspace(-0.1, 0.1, 32 * 32 * 3, dtype=np.float32).reshape(SHAPE)),
+    # An initialised encoder 4 wide (trained ones: test_attacks_ssba.py); the key draws the secret.
+    "ssba": dict(encoder=dict(Encoder(4).init(jax.random.key(0), jnp.zeros((1, 20)), jnp.zeros((1, *SHAPE))))),
 }
 DETERMINISTIC = {"sig", "cb", "lf"}  # nothing drawn from the key
 
@@ -128,7 +131,7 @@ def test_uint8_or_wrong_rank_images_are_rejected(name):
             apply(attack, bad)
 
 
-@pytest.mark.parametrize("name", ["badnets", "multi-patch", "trojan", "blended", "wanet", "cb", "sp"])
+@pytest.mark.parametrize("name", ["badnets", "multi-patch", "trojan", "blended", "wanet", "cb", "sp", "ssba"])
 def test_images_of_another_size_are_rejected(name):
     attack = make(name, KEY, SHAPE, **SETTINGS[name])
     with pytest.raises(ValueError, match="built for"):
