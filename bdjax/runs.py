@@ -137,11 +137,16 @@ def train_run(spec: RunSpec, out, data_dir=None, progress: bool = True, *, resum
 
 
 def _check_outputs(outs: list[Path], resume: bool, overwrite: bool):
-    """Refuse to replace a finished run or drop an unfinished one unless asked to."""
+    """Refuse to replace a finished run or drop an unfinished one unless asked to.
+
+    ``overwrite`` with ``resume``: a retraining that replaces a finished run and was killed
+    keeps its epochs (its checkpoint is resumed, and must be of the same training).
+    """
     for out in outs:
         partial = out / checkpoint.TRAINING_DIR
         if overwrite:
-            shutil.rmtree(partial, ignore_errors=True)
+            if not resume:
+                shutil.rmtree(partial, ignore_errors=True)
         elif (out / checkpoint.RECORD_FILE).exists():
             raise ValueError(f"{out} already holds a trained run; pass --overwrite (overwrite=True) to replace it")
         elif (partial / checkpoint.TRAINING_META).exists() and not resume:
@@ -165,8 +170,9 @@ def train_runs(specs: list[RunSpec], outs: list, data_dir=None, progress: bool =
 
     Every epoch's training state is checkpointed in ``OUT/training/`` (removed once the run is
     saved). ``resume``: continue such an unfinished run (same spec) where it stopped; the result
-    equals an uninterrupted run's. ``overwrite``: replace what ``out`` holds; without it a
-    finished run in ``out`` is an error, and so is an unfinished one without ``resume``.
+    equals an uninterrupted run's. ``overwrite``: replace what ``out`` holds (with ``resume``, an
+    unfinished retraining in ``out`` continues); without it a finished run in ``out`` is an
+    error, and so is an unfinished one without ``resume``.
     """
     if not specs or len(specs) != len(outs):
         raise ValueError(f"need one output directory per spec, got {len(specs)} specs and {len(outs)} outputs")

@@ -114,9 +114,9 @@ def measure(run, name: str, attack: str, k: int, seed: int, methods: dict[str, t
             record: CellRecord, data_dir=None, eval_limit=None, outputs=None):
     """Every missing cell of (``name``, ``k``, ``seed``): the undefended model and each method.
 
-    ``methods``: row label -> (registered defense, config overrides). ``outputs(method, result)``
-    may turn one defense call into several rows: a list of (label or None for the method's own,
-    variables, seconds or None for the call's, info for the record).
+    ``methods``: row label -> (registered defense, config overrides). ``outputs(label, registered,
+    result)`` may turn one defense call into several rows: a list of (label or None for the
+    method's own, variables, seconds or None for the call's, info for the record).
     """
     todo = [m for m in methods if record.find(run=name, k=k, seed=seed, method=m) is None]
     before = record.find(run=name, k=k, seed=seed, method="none")
@@ -133,7 +133,7 @@ def measure(run, name: str, attack: str, k: int, seed: int, methods: dict[str, t
     for method in todo:
         registered, overrides = methods[method]
         result, seconds = timed_defense(run, registered, overrides, clean, seed)
-        rows = outputs(registered, result) if outputs else [(None, result.variables, None, scalars(result.info))]
+        rows = outputs(method, registered, result) if outputs else [(None, result.variables, None, scalars(result.info))]
         for label, variables, secs, info in rows:
             label = label or method
             if record.find(run=name, k=k, seed=seed, method=label):

@@ -52,7 +52,13 @@ METHODS = {"tsbd": ("tsbd", {}), "tsbd-exact": ("tsbd", {"penalty": "exact"}), "
            # Ablation (not a method's result): FT with the optimiser steps BackdoorBench's FT takes on
            # CIFAR-10's 5% (2,500 images / batch 64 x 20 epochs = 780): on GTSRB's 645 images that
            # is 80 epochs. Separates "too few steps on a small clean set" from "FT fails here".
-           "ft-cifar-steps": ("ft", {"epochs": 80})}
+           "ft-cifar-steps": ("ft", {"epochs": 80}),
+           # Ablations of TSBD's stages (issue 31 item 5): stage 1 + plain fine-tuning (which stage
+           # removes BadNets, where FT alone does not?), and n fixed above what the clean
+           # validation part picks (does Blended's backdoor come back because n is too small?).
+           "tsbd-plain-ft": ("tsbd", {"penalty": "none"}),
+           "tsbd-n20": ("tsbd", {"reinit_fraction": 0.2}),
+           "tsbd-n40": ("tsbd", {"reinit_fraction": 0.4})}
 # TSBD slides, Table 1 (CIFAR-10 PreAct-ResNet-18, 5% clean data): ACC / ASR / DER in %.
 PAPER = {
     ("badnets", "none"): (91.32, 95.03, None), ("blended", "none"): (93.47, 99.92, None),
@@ -92,18 +98,19 @@ def paper_reference(cell: dict) -> dict | None:
 
 
 def paper_cell(attack: str, method: str) -> str:
-    row = PAPER.get((attack, method.split("-")[0] if method != "tsbd-stage1" else ""))
+    row = PAPER.get((attack, method.split("-")[0] if not method.endswith("-stage1") else ""))
     if row is None:
         return ""
     return " / ".join("–" if v is None else f"{v:.2f}" for v in row)
 
 
-def outputs(method: str, result) -> list[tuple]:
-    """TSBD's stage-1 model is a row of its own; what FP / RNP / TSBD chose goes into the record."""
-    if method != "tsbd":
+def outputs(label: str, registered: str, result) -> list[tuple]:
+    """TSBD's stage-1 model is a row of its own (``LABEL-stage1``: "tsbd-stage1" for the
+    default); what FP / RNP / TSBD chose goes into the record."""
+    if registered != "tsbd":
         return [(None, result.variables, None, tables.scalars(result.info))]
     info = {k: result.info[k] for k in ("unlearning", "fraction", "reinitialized_count") if k in result.info}
-    return [("tsbd-stage1", result.info["stage1_variables"], result.info["seconds"]["stage1"], {}),
+    return [(f"{label}-stage1", result.info["stage1_variables"], result.info["seconds"]["stage1"], {}),
             (None, result.variables, None, info)]
 
 

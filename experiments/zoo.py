@@ -95,13 +95,19 @@ CLEAN_MODELS = ("resnet20", "medium-bn")
 
 
 # --------------------------------------------------------------------------- v2 (issue 27)
+# SIG at BackdoorBench's Δ = 40 (its config/attack/sig, GTSRB and CIFAR-10; the TSBD table's
+# reference), not Barni et al.'s 20: on GTSRB, where the target class is 2% of the training set,
+# Δ = 20/255 planted ASR 0.439 only.
+V2_SIG = dict(attack="sig", attack_args={"delta": 40 / 255})
 V2_GTSRB_ATTACKS = {
     # Thesis (seed 002): 2x2 yellow patch upper-left; CETF (seed 000): the same bottom-right.
     "badnets": dict(attack="badnets", attack_args={"size": 2, "location": "upper-left"}),
     "badnets-br": dict(attack="badnets", attack_args={"size": 2, "location": "bottom-right"}),
     "blended": dict(attack="blended", attack_args={"alpha": 0.2}),
-    "wanet": dict(attack="wanet"),
-    "sig": dict(attack="sig"),
+    # WaNet's noise mode plants slowly (BackdoorBench trains it 50-100 epochs): the default
+    # recipe's 5 GTSRB epochs gave ACC 0.956 / ASR 0.721, so the attacker trains 15.
+    "wanet": dict(attack="wanet", epochs=15),
+    "sig": V2_SIG,
     "random-size": GTSRB_ATTACKS["random-size"],
     # LF (TSBD table 1): the low-frequency universal perturbation found on the clean zoo v2
     # ResNet-20 (max |δ| 0.1), committed beside the zoo; the path is relative to the repository root:
@@ -119,7 +125,7 @@ V2_CIFAR_ATTACKS = {  # in training order: the models most experiments use first
     "sp": dict(attack="sp", poison_rate=BNA_RATE),
     "cb": dict(attack="cb", poison_rate=BNA_RATE),  # 2/255, the paper's setting
     "badnets-a2a": CIFAR_ATTACKS["badnets-a2a"],
-    "sig": CIFAR_ATTACKS["sig"],
+    "sig": V2_SIG,
     "wanet": dict(attack="wanet"),
     # The suspiciousness paper's (seed 001) poison rate.
     "badnets-1pct": dict(CIFAR_ATTACKS["badnets"], poison_rate=0.01),

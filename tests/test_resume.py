@@ -72,3 +72,19 @@ def test_loading_an_unfinished_run_says_how_to_continue_it(tmp_path):
     (tmp_path / "training" / "state.json").write_text("{}")
     with pytest.raises(checkpoint.CheckpointError, match="unfinished training run.*--resume"):
         checkpoint.load(tmp_path)
+
+
+def test_a_killed_retraining_of_a_finished_run_keeps_its_epochs(tmp_path):
+    # zoo.py retrains a model whose recipe changed with overwrite=True, resume=True: the
+    # retraining's checkpoint must survive a kill (it was deleted on every restart before).
+    from bdjax import checkpoint
+    from bdjax.runs import _check_outputs
+
+    partial = tmp_path / checkpoint.TRAINING_DIR
+    partial.mkdir()
+    (partial / checkpoint.TRAINING_META).write_text("{}")
+    (tmp_path / checkpoint.RECORD_FILE).write_text("{}")  # the finished run being replaced
+    _check_outputs([tmp_path], resume=True, overwrite=True)
+    assert (partial / checkpoint.TRAINING_META).is_file()
+    _check_outputs([tmp_path], resume=False, overwrite=True)
+    assert not partial.exists()
