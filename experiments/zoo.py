@@ -114,6 +114,10 @@ V2_GTSRB_ATTACKS = {
     # python -m bdjax.attacks.lf_trigger --run experiments/zoo-v2/resnet20-gtsrb-clean --target 14 \
     #     --out experiments/zoo-v2/lf-gtsrb-14.npy
     "lf": dict(attack="lf", attack_args={"perturbation_file": "experiments/zoo-v2/lf-gtsrb-14.npy"}),
+    # SSBA (TSBD table 1): the StegaStamp-style encoder trained on GTSRB's clean training split
+    # with bdjax's defaults (20-bit secret), committed beside the zoo:
+    # python -m bdjax.attacks.ssba_encoder --dataset gtsrb --out experiments/zoo-v2/ssba-gtsrb.npz
+    "ssba": dict(attack="ssba", attack_args={"encoder_file": "experiments/zoo-v2/ssba-gtsrb.npz"}),
     "clean": dict(attack="none"),
 }
 # BNA table 1 poisons 100 images per source class: 900 of CIFAR-10's 50,000 training images.
