@@ -15,4 +15,4 @@ ATTACK_NAMES = ("badnets", "blended", "cb", "input-aware", "lf", "multi-patch", 
                 "ssba", "trojan", "wanet")
 RECIPE_NAMES = ("backdoorbench", "default", "thesis")
 DEFENSE_NAMES = ("abs", "anp", "bna", "cetf", "cetf+bn-clean", "cetf+bn-unlearn", "cetf+unlearn", "clp", "fp",
-                 "ft", "ibau", "nad", "nc", "neo", "rnp", "strip", "suspicion", "tac", "tsbd")
+                 "februus", "ft", "ibau", "nad", "nc", "neo", "rnp", "strip", "suspicion", "tac", "tsbd")

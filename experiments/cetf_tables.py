@@ -12,6 +12,9 @@ test split is the evaluation set):
    evenly over the classes: TPR / FPR, and ACC / ASR on those inputs with rejected inputs
    counted as failures (the paper's Tables II / III convention); ``--triggers 1 2 3`` repeats it
    with 2 and 3 triggers pasted per input (the paper's multi-trigger robustness, Table VI);
+   ``--februus`` adds Februus (input purification: it rejects nothing, so TPR = FPR = 0 and
+   ACC / ASR are those of the purified inputs), its generator trained on the defender's clean
+   set (``--februus-steps``) or loaded from ``--februus-inpainter``;
 2. repairs: ``cetf+bn-clean``, ``cetf+bn-unlearn``, ``cetf+unlearn`` through ``defend_run`` with
    k = 2 clean images per class; their triggers come from CETF screening ``--suspects`` triggered
    + ``--suspects`` clean evaluation inputs (a ``suspect_file``), ACC / ASR on the evaluation set;
@@ -44,7 +47,7 @@ import numpy as np
 
 from bdjax import checkpoint
 from bdjax.data.dataset import to_float
-from bdjax.defenses import bn_repair, cetf, neo, strip
+from bdjax.defenses import bn_repair, cetf, februus, neo, strip
 from bdjax.evaluation import evaluate_model
 from bdjax.models.inference import predict
 from bdjax.runs import defend_run, split_for_defense
@@ -65,7 +68,24 @@ def filter_scores(flag_triggered, flag_clean, pred_triggered, pred_clean, target
             "seconds": seconds, "per_image_s": seconds / (len(flag_triggered) + len(flag_clean))}
 
 
-def detection(run, clean, triggered, clean_inputs, clean_labels, key) -> dict:
+def februus_row(run, clean, inputs, n, clean_labels, key, config: februus.FebruusConfig) -> dict:
+    """Februus on the same inputs: ACC / ASR of the purified inputs (nothing is rejected)."""
+    started = time.perf_counter()
+    result = februus.februus(run.module, run.variables, clean, key, config)
+    inpainter_s = time.perf_counter() - started
+    started = time.perf_counter()
+    found = februus.purify(run.module, run.variables, result.info["inpainter"], inputs, config)
+    never = np.zeros(len(inputs), bool)
+    row = filter_scores(never[:n], never[n:], found.predicted[:n], found.predicted[n:], run.target.target,
+                        clean_labels, time.perf_counter() - started)
+    row.update(inpainter_s=inpainter_s, cam_threshold=config.cam_threshold,
+               removed_triggered=float(found.removed[:n].mean()), removed_clean=float(found.removed[n:].mean()),
+               **{k: v for k, v in result.info.items() if k.startswith("inpainter_")})
+    return row
+
+
+def detection(run, clean, triggered, clean_inputs, clean_labels, key,
+              februus_config: februus.FebruusConfig | None = None) -> dict:
     target = run.target.target
     inputs = np.concatenate([triggered, clean_inputs])
     n = len(triggered)
@@ -107,6 +127,10 @@ def detection(run, clean, triggered, clean_inputs, clean_labels, key) -> dict:
     rows["NEO"] = filter_scores(flagged[:n], flagged[n:], predicted[:n], predicted[n:], target, clean_labels,
                                 time.perf_counter() - started)
     print("NEO", rows["NEO"], flush=True)
+
+    if februus_config is not None:
+        rows["Februus"] = februus_row(run, clean, inputs, n, clean_labels, key, februus_config)
+        print("Februus", rows["Februus"], flush=True)
     return rows
 
 
@@ -281,6 +305,11 @@ def main(argv=None):
                         help="per-class repairs: CETF's extracted triggers and / or the attack's own")
     parser.add_argument("--triggers", type=int, nargs="+", default=[1],
                         help="detection: triggers pasted per input (the paper's multi-trigger setting: 2, 3)")
+    parser.add_argument("--februus", action="store_true", help="detection: add Februus (input purification)")
+    parser.add_argument("--februus-steps", type=int, default=februus.InpainterConfig.steps,
+                        help="Februus: inpainter training steps on the defender's clean set")
+    parser.add_argument("--februus-inpainter", default=None,
+                        help="Februus: a generator saved by februus.save_inpainter instead of training one")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "cetf_tables.json"))
     args = parser.parse_args(argv)
@@ -298,11 +327,16 @@ def main(argv=None):
                      inputs=len(triggered), backend=jax.default_backend())
         print(name, entry, flush=True)
         key = jax.random.key(args.seed)
+        februus_config = None
+        if args.februus:
+            februus_config = februus.FebruusConfig(
+                inpainter=februus.InpainterConfig(steps=args.februus_steps), inpainter_file=args.februus_inpainter)
         if "detection" not in args.skip:
             for count in args.triggers:
                 inputs = triggered if count == 1 else multi_triggered(run, sets, count, args.inputs, args.seed)
                 label = "detection" if count == 1 else f"detection_{count}_triggers"
-                entry[label] = detection(run, clean, inputs, clean_inputs, sets.clean.labels[chosen], key)
+                entry[label] = detection(run, clean, inputs, clean_inputs, sets.clean.labels[chosen], key,
+                                         februus_config)
                 entry[label]["triggered_inputs"] = len(inputs)
         if "repairs" not in args.skip:
             suspects = np.concatenate([triggered[:args.suspects], clean_inputs[:args.suspects]])

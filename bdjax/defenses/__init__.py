@@ -3,7 +3,7 @@
 from bdjax.defenses import finetune  # noqa: F401  (registers "ft")
 from bdjax.defenses import bn_repair, cetf  # noqa: F401  (registers "cetf", "cetf+bn-clean", ...)
 from bdjax.defenses import clp  # noqa: F401  (registers "clp")
-from bdjax.defenses import neo, strip  # noqa: F401  (registers "neo", "strip": input filters)
+from bdjax.defenses import februus, neo, strip  # noqa: F401  (registers "februus", "neo", "strip": input filters)
 from bdjax.defenses import suspicion  # noqa: F401  (registers "suspicion")
 from bdjax.defenses import anp, nad  # noqa: F401  (registers "anp", "nad")
 from bdjax.defenses import abs_candidates, tac  # noqa: F401  (registers "tac", "abs")
