@@ -74,6 +74,7 @@ def februus_row(run, clean, inputs, n, clean_labels, key, config: februus.Februu
     result = februus.februus(run.module, run.variables, clean, key, config)
     inpainter_s = time.perf_counter() - started
     started = time.perf_counter()
+    config = februus.resolved(config, clean.info.name)  # the threshold februus() used
     found = februus.purify(run.module, run.variables, result.info["inpainter"], inputs, config)
     never = np.zeros(len(inputs), bool)
     row = filter_scores(never[:n], never[n:], found.predicted[:n], found.predicted[n:], run.target.target,

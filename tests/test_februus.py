@@ -122,7 +122,8 @@ def test_februus_refuses_bad_input_naming_the_problem(tiny_model, random_dataset
 @pytest.mark.realdata
 def test_februus_lowers_badnets_asr_and_keeps_most_clean_accuracy(zoo_badnets_run, gtsrb_test):
     """Zoo v2's medium-bn BadNets model (2x2 upper-left patch), Februus at the official code's
-    threshold 0.7 with a generator trained briefly (80 steps) on the defender's 86 clean images,
+    CIFAR-10 threshold 0.7 (its GTSRB script's 0.8, the library's GTSRB default, leaves ASR 0.70
+    on this model: measured with the 1,000-step generator) with a generator trained briefly (80 steps) on the defender's 86 clean images,
     on 40 triggered and 40 clean held-out inputs. The model's last conv map is 2x2, so the
     removed region is coarse (about 30% of the image) and still misses the small trigger on
     about half the inputs (its map value there is often 0.5-0.7): a partial removal, not the
@@ -137,7 +138,8 @@ def test_februus_lowers_badnets_asr_and_keeps_most_clean_accuracy(zoo_badnets_ru
     chosen = np.linspace(0, len(sets.clean) - 1, 40).round().astype(int)
     clean_inputs, labels = sets.clean.images[chosen], sets.clean.labels[chosen]
     started = time.perf_counter()
-    config = februus.FebruusConfig(inpainter=februus.InpainterConfig(features=16, steps=80, batch_size=16))
+    config = februus.FebruusConfig(cam_threshold=0.7,
+                                   inpainter=februus.InpainterConfig(features=16, steps=80, batch_size=16))
     result = februus.februus(run.module, run.variables, clean, jax.random.key(0), config)
     on_triggered, on_clean = februus.purify(run.module, run.variables, result.info["inpainter"],
                                             np.concatenate([triggered, clean_inputs]), config).split(len(triggered))

@@ -75,12 +75,18 @@ class InpainterConfig:
     max_rectangle: float = 0.5
 
 
+# The official release's MASK_COND per dataset (its CIFAR-10 and GTSRB scripts).
+OFFICIAL_THRESHOLDS = {"cifar10": 0.7, "gtsrb": 0.8}
+DEFAULT_THRESHOLD = 0.7
+
+
 @dataclasses.dataclass(frozen=True)
 class FebruusConfig:
     """Februus' settings.
 
-    - ``cam_threshold`` 0.7: the official code's ``MASK_COND`` for CIFAR-10 (its GTSRB script
-      uses 0.8); pixels of the normalised Grad-CAM map at or above it are removed;
+    - ``cam_threshold``: pixels of the normalised Grad-CAM map at or above it are removed;
+      None (default) takes the official code's ``MASK_COND`` for the clean set's dataset
+      (``OFFICIAL_THRESHOLDS``: CIFAR-10 0.7, GTSRB 0.8; 0.7 for others);
     - ``feature_layer``: the Grad-CAM layer (a module path; default the last conv unit, as
       the paper);
     - ``inpainter_file``: a generator saved by ``save_inpainter`` (e.g. trained once on more
@@ -89,7 +95,7 @@ class FebruusConfig:
     - ``batch_size`` inputs are purified per compiled call.
     """
 
-    cam_threshold: float = 0.7
+    cam_threshold: float | None = None
     feature_layer: tuple[str, ...] | None = None
     inpainter: InpainterConfig = dataclasses.field(default_factory=InpainterConfig)
     inpainter_file: str | None = None
@@ -300,12 +306,22 @@ class Purification:
         return part(slice(0, count)), part(slice(count, None))
 
 
-def purify(module, variables, inpainter: tuple[InpaintingNet, dict], images, config: FebruusConfig = FebruusConfig(),
+def resolved(config: FebruusConfig, dataset: str | None) -> FebruusConfig:
+    """``config`` with its threshold filled in: the official code's for ``dataset`` when unset."""
+    if config.cam_threshold is not None:
+        return config
+    return dataclasses.replace(config, cam_threshold=OFFICIAL_THRESHOLDS.get(dataset, DEFAULT_THRESHOLD))
+
+
+def purify(module, variables, inpainter: tuple[InpaintingNet, dict], images, config: FebruusConfig,
            keep_images: bool = False) -> Purification:
     """Remove the Grad-CAM region of every input (uint8[N, H, W, C]), restore it and classify."""
     images = np.asarray(images)
     if images.ndim != 4:
         raise ValueError(f"Februus purifies images [N, H, W, C], got shape {images.shape}")
+    if config.cam_threshold is None:
+        raise ValueError("purify needs a cam_threshold: pass februus.resolved(config, dataset_name), which "
+                         "fills in the official code's threshold for the dataset, or set one")
     if not 0.0 < config.cam_threshold <= 1.0:
         raise ValueError(f"cam_threshold must lie in (0, 1], got {config.cam_threshold}")
     if len(images) == 0:
@@ -345,13 +361,15 @@ def defender_inpainter(clean: Dataset, key, config: FebruusConfig) -> tuple[Inpa
 def februus(module, variables, clean: Dataset, key, config: FebruusConfig = FebruusConfig()) -> DefenseResult:
     """Februus as a test-time rule: the classifier returns the model's class of each purified
     input and rejects nothing (so its TPR and FPR are 0 by construction; ACC / ASR are what it
-    changes). ``info["inpainter"]`` is the generator, (module, variables); ``info["screened"]`` gets, per classifier call, the mean removed area and how
-    many predictions purification changed."""
+    changes). ``info["inpainter"]`` is the generator, (module, variables); ``info["cam_threshold"]``
+    the threshold used; ``info["screened"]`` gets, per classifier call, the mean removed area
+    and how many predictions purification changed."""
+    config = resolved(config, clean.info.name if clean is not None else None)
     if not 0.0 < config.cam_threshold <= 1.0:
         raise ValueError(f"cam_threshold must lie in (0, 1], got {config.cam_threshold}")
     image_shape = getattr(module, "image_shape", None) or (clean.images.shape[1:] if clean is not None else None)
     inpainter_module, inpainter_variables, info = defender_inpainter(clean, key, config)
-    info.update(inpainter=(inpainter_module, inpainter_variables), screened=[])
+    info.update(inpainter=(inpainter_module, inpainter_variables), screened=[], cam_threshold=config.cam_threshold)
 
     def classify(images):
         images = check_inputs(images, image_shape, "Februus") if image_shape is not None else np.asarray(images)
