@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import time
 from pathlib import Path
 from typing import Any
@@ -270,8 +271,11 @@ def save_encoder(path, result: EncoderResult):
     arrays.update({f"config/{f.name}": np.asarray(getattr(result.config, f.name))
                    for f in dataclasses.fields(SSBAEncoderConfig)})
     arrays.update({"bit_accuracy": np.asarray(result.bit_accuracy), "psnr": np.asarray(result.psnr)})
-    with open(path, "wb") as f:  # a file object: np.savez would append .npz to any other suffix
-        np.savez(f, **arrays)
+    from bdjax.checkpoint import atomic_write  # here: bdjax.checkpoint imports the attacks
+
+    buffer = io.BytesIO()  # a file object: np.savez would append .npz to any other suffix
+    np.savez(buffer, **arrays)
+    atomic_write(Path(path).expanduser(), buffer.getvalue())  # a killed save leaves no half file
 
 
 def load_encoder(path) -> tuple[dict, SSBAEncoderConfig]:
