@@ -241,8 +241,15 @@ def _meets(spec: RunSpec, metrics: dict) -> str:
     return "no: " + ", ".join(misses) if misses else "yes"
 
 
+def spec_drift(record: dict, spec: RunSpec) -> list[str]:
+    """How the spec a record was trained with differs from ``spec`` ([]: not at all)."""
+    now, then = dataclasses.asdict(spec), RunSpec.from_record(record["spec"]).__dict__
+    return [f"{key} {then[key]} (now {now[key]})" for key in sorted(now) if then.get(key) != now[key]]
+
+
 def _bar_cell(record: dict, spec: RunSpec) -> str:
-    drift = recipe_drift(record, spec)
+    recipe = recipe_drift(record, spec)  # "epochs 5 (now 15)" says more than the spec's "epochs None (now 15)"
+    drift = recipe + [d for d in spec_drift(record, spec) if d.split()[0] not in {r.split()[0] for r in recipe}]
     return _meets(spec, record["metrics"]) + ("; stale, trained with " + ", ".join(drift) if drift else "")
 
 
@@ -254,6 +261,7 @@ def _rate(value) -> str:
 def write_table(zoo_dir: Path = ZOO_DIR, variant: str = "v1") -> Path:
     """RESULTS.md (the table) and results.json (the records' numbers) of one zoo folder."""
     rows, entries = [], []
+    current = variant_specs(variant)  # what each run's spec is today: a changed one is stale
     for run_dir in sorted(p for p in zoo_dir.iterdir() if (p / checkpoint.RECORD_FILE).is_file()):
         record = checkpoint.read_record(run_dir)
         spec, m = RunSpec.from_record(record["spec"]), record["metrics"]
@@ -264,7 +272,7 @@ def write_table(zoo_dir: Path = ZOO_DIR, variant: str = "v1") -> Path:
                     f"{record['train_config']['epochs']} | {m['acc']:.4f} | {_rate(m['asr'])} | "
                     f"{'—' if images_per_second is None else f'{images_per_second:.0f}'} | "
                     f"{record['train_seconds'] / 60:.1f} | {record.get('backend', '?')} |"
-                    + (f" {_bar_cell(record, spec)} |" if variant == "v2" else ""))
+                    + (f" {_bar_cell(record, current.get(run_dir.name, spec))} |" if variant == "v2" else ""))
         entries.append({"run": run_dir.name, "spec": record["spec"], "train_config": record["train_config"],
                         "metrics": m, "eval_size": record["eval_size"], "train_size": record["train_size"],
                         "poison_count": record["poison_count"], "train_seconds": record["train_seconds"],
