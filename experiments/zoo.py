@@ -298,7 +298,7 @@ def write_table(zoo_dir: Path = ZOO_DIR, variant: str = "v1") -> Path:
            "WaNet >= 0.90; CIFAR-10 ACC >= 0.90, SIG / WaNet >= 0.88, ASR >= 0.95, WaNet / all-to-all "
            ">= 0.85); for the thesis architectures the TAC thesis's table 5.4 mean less 0.03 ACC / 0.05 ASR. "
            "A row that misses its bar is shown as it is; \"stale\" marks a model trained before its "
-           "recipe changed (kept until it is retrained).", ""] if variant == "v2" else []),
+           "spec or recipe changed (kept until it is retrained).", ""] if variant == "v2" else []),
         "| run | model | dataset | attack | poison | recipe | train size | epochs | ACC | ASR | images/s "
         "| train min | backend |" + (" bar |" if variant == "v2" else ""),
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if variant == "v2" else ""),
