@@ -121,7 +121,7 @@ def cmd_train(args) -> int:
                    target_mode=args.target_mode, poison_rate=args.poison_rate, recipe=args.recipe,
                    epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
                    learning_rate=args.lr, crop_padding=args.crop_padding, weight_decay=args.weight_decay,
-                   train_subset=args.train_subset, eval_limit=args.eval_limit, seed=args.seed)
+                   compute_dtype=args.compute_dtype, train_subset=args.train_subset, eval_limit=args.eval_limit, seed=args.seed)
     run = _finished_run(args.out, spec) if args.resume else None
     if run is None:
         config = spec.train_config()
@@ -367,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the recipe's random-crop padding (0: no crops)")
     p.add_argument("--weight-decay", type=_NON_NEGATIVE_FLOAT, default=None,
                    help="override the recipe's weight decay (default recipe: 5e-4, CIFAR 1e-4)")
+    p.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default=None,
+                   help="bfloat16: mixed precision (bf16 forward/backward, float32 parameters and loss)")
     p.add_argument("--train-subset", type=_COUNT, default=None, help="stratified subset of N training images")
     p.add_argument("--eval-limit", type=_COUNT, default=None, help="evaluate on a stratified subset of N test images")
     p.add_argument("--seed", type=_NON_NEGATIVE_INT, default=0)

@@ -25,17 +25,18 @@ from bdjax.data import clean_defense_split, load, stratified_subset
 from bdjax.data.dataset import INFOS, Dataset
 from bdjax.evaluation import Report, TestSets, evaluate, evaluate_model, model_classifier
 from bdjax.models.inference import check_finite_variables
-from bdjax.training import TrainConfig, train, train_many, unstack_models
+from bdjax.training import COMPUTE_DTYPES, TrainConfig, train, train_many, unstack_models
 
 
 # The training fields of a RunSpec: None takes the recipe's value.
-TRAINING_FIELDS = ("epochs", "batch_size", "optimizer", "learning_rate", "crop_padding", "weight_decay")
+TRAINING_FIELDS = ("epochs", "batch_size", "optimizer", "learning_rate", "crop_padding", "weight_decay",
+                   "compute_dtype")
 
 
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
     """What to train. Defaults: the ``default`` recipe (``bdjax.recipes``) on the full training
-    split, BadNets at 10% poison; ``epochs`` .. ``weight_decay`` override single recipe fields."""
+    split, BadNets at 10% poison; ``epochs`` .. ``compute_dtype`` override single recipe fields."""
 
     dataset: str = "gtsrb"
     model: str = "resnet20"
@@ -51,6 +52,7 @@ class RunSpec:
     learning_rate: float | None = None
     crop_padding: int | None = None
     weight_decay: float | None = None
+    compute_dtype: str | None = None  # "bfloat16": mixed precision (bdjax.training.TrainConfig)
     train_subset: int | None = None  # stratified subset of the training split
     eval_limit: int | None = None  # stratified subset of the test split for the record's metrics
     seed: int = 0  # the data: training subset, trigger, poisoned images, evaluation subset
@@ -84,6 +86,8 @@ class RunSpec:
                 _check_number(name, getattr(self, name), kind, low=low, above=name == "learning_rate")
         if self.optimizer not in (None, "adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        if self.compute_dtype not in (None, *COMPUTE_DTYPES):
+            raise ValueError(f"compute_dtype must be one of {tuple(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
 
     @classmethod
     def from_record(cls, spec: dict) -> "RunSpec":

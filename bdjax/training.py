@@ -19,6 +19,9 @@ from bdjax import checkpoint, sharding, surgery
 from bdjax.data.dataset import Dataset
 
 
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """How to train a (possibly backdoored) model.
@@ -40,6 +43,9 @@ class TrainConfig:
     crop_padding: int = 4  # random crop after zero padding; 0 disables
     flip: bool | None = None  # None: the dataset's default (no flips for GTSRB)
     trainable: str = "all"  # "all" | "batch_norm" (only BN γ/β move; BN-unlearning)
+    # "bfloat16": the forward and backward pass in bfloat16 on a bfloat16 copy of the parameters;
+    # the parameters, optimizer state, BN statistics and the loss stay float32 (mixed precision).
+    compute_dtype: str = "float32"  # "float32" | "bfloat16"
 
     @classmethod
     def backdoorbench(cls, epochs: int = 100) -> "TrainConfig":
@@ -55,6 +61,8 @@ class TrainConfig:
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
         if self.schedule not in ("constant", "cosine", "step"):
             raise ValueError(f"schedule must be constant, cosine or step, got {self.schedule!r}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {tuple(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
         if self.trainable not in ("all", "batch_norm"):
             raise ValueError(f"trainable must be 'all' or 'batch_norm', got {self.trainable!r}")
         if self.epochs < 0 or self.batch_size < 1:
@@ -124,17 +132,28 @@ def cross_entropy(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def _train_step(module, optimizer, crop_padding, flip, state: TrainState, images, labels, key):
-    """One SGD step. images: uint8[B, H, W, C] (converted on device), labels: int32[B]."""
+def _train_step(module, optimizer, crop_padding, flip, state: TrainState, images, labels, key,
+                compute_dtype=jnp.float32):
+    """One SGD step. images: uint8[B, H, W, C] (converted on device), labels: int32[B].
+
+    ``compute_dtype`` bfloat16: the network runs on bfloat16 copies of the parameters and
+    images (the gradient flows back through the cast into the float32 parameters); logits,
+    loss and the BN statistics are float32."""
     images = augment(key, images.astype(jnp.float32) / 255.0, crop_padding, flip)
+    low = compute_dtype != jnp.float32
+    images = images.astype(compute_dtype)
 
     def loss_fn(params):
+        if low:
+            params = jax.tree_util.tree_map(lambda p: p.astype(compute_dtype), params)
         variables = _variables(params, state.batch_stats)
         if state.batch_stats:
             logits, updates = module.apply(variables, images, train=True, mutable=["batch_stats"])
-            return cross_entropy(logits, labels), (logits, updates["batch_stats"])
+            stats = jax.tree_util.tree_map(lambda new, old: new.astype(old.dtype), updates["batch_stats"],
+                                           state.batch_stats)
+            return cross_entropy(logits.astype(jnp.float32), labels), (logits, stats)
         logits = module.apply(variables, images, train=True)
-        return cross_entropy(logits, labels), (logits, state.batch_stats)
+        return cross_entropy(logits.astype(jnp.float32), labels), (logits, state.batch_stats)
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -154,7 +173,8 @@ def _compiled_step(module, config: TrainConfig, total_steps: int, flip: bool, im
         init = functools.partial(module.init, train=False)
         shapes = jax.eval_shape(init, jax.random.key(0), jnp.zeros((1, *image_shape), jnp.float32))
         optimizer = surgery.only_bn_params(optimizer, shapes)
-    step = jax.jit(jax.vmap(functools.partial(_train_step, module, optimizer, config.crop_padding, flip)),
+    step = jax.jit(jax.vmap(functools.partial(_train_step, module, optimizer, config.crop_padding, flip,
+                                              compute_dtype=COMPUTE_DTYPES[config.compute_dtype])),
                    donate_argnums=0)
     return optimizer, step
 

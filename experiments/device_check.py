@@ -11,8 +11,8 @@ Everything that needs no device work (the zoo model, the clean set, the suspects
 synthetic training set) is prepared first; then, in this order, on the device:
 
 - ``training``: training images/s of ResNet-20 and PreAct-ResNet-18 on 32x32 GTSRB-shaped
-  images (a first call compiles, the second is timed). fp32 only: ``bdjax.training`` has no
-  compute-dtype option, so bf16 is not measured;
+  images (a first call compiles, the second is timed), float32 and bfloat16 compute
+  (``TrainConfig.compute_dtype``: bf16 forward/backward, float32 parameters);
 - ``defenses``: every registered defense (``defense_benchmark.QUICK`` budgets) on the zoo v2
   ResNet-20 GTSRB BadNets, called twice: compile s = first call - second call;
 - ``bna_pair_search`` (``bna.detect``), ``nc_all_labels`` (Neural Cleanse's search over every
@@ -130,18 +130,20 @@ def training(sizes: Sizes, info, clock: Clock) -> dict:
     rng = np.random.default_rng(0)
     data = Dataset(rng.integers(0, 256, (sizes.train_images, *info.image_shape), dtype=np.uint8),
                    rng.integers(0, info.num_classes, sizes.train_images).astype(np.int32), info)
-    config = TrainConfig(epochs=sizes.train_epochs, batch_size=sizes.train_batch)
-    images = config.steps_per_epoch(len(data)) * config.batch_size * config.epochs
     out = {}
     for name in sizes.train_models:
-        if clock.left() <= 0:
-            out[name] = {"skipped": "budget spent"}
-            continue
         module = models.create(name, info)
-        first, _ = timed(lambda: train(module, data, config, jax.random.key(0), progress=False))
-        second = train(module, data, config, jax.random.key(1), progress=False).seconds
-        out[name] = {"float32": {"images_per_s": images / second, "first_s": first, "second_s": second,
-                                 "images": images, "batch": config.batch_size}}
+        out[name] = {}
+        for dtype in ("float32", "bfloat16"):
+            if clock.left() <= 0:
+                out[name][dtype] = {"skipped": "budget spent"}
+                continue
+            config = TrainConfig(epochs=sizes.train_epochs, batch_size=sizes.train_batch, compute_dtype=dtype)
+            images = config.steps_per_epoch(len(data)) * config.batch_size * config.epochs
+            first, _ = timed(lambda: train(module, data, config, jax.random.key(0), progress=False))
+            second = train(module, data, config, jax.random.key(1), progress=False).seconds
+            out[name][dtype] = {"images_per_s": images / second, "first_s": first, "second_s": second,
+                                "images": images, "batch": config.batch_size}
     return out
 
 
@@ -222,8 +224,8 @@ def write_markdown(path: Path, report: dict) -> None:
     lines = ["# Device check", "",
              f"{report['date']}, {report['device']} ({report['backend']}), JAX {report['jax']}, "
              f"`{report['command']}`.",
-             "first s includes compilation; compile s = first - second call. Training is fp32 only "
-             "(bdjax.training has no compute dtype).", ""]
+             "first s includes compilation; compile s = first - second call. Training: float32, and "
+             "bfloat16 compute with float32 parameters (TrainConfig.compute_dtype).", ""]
     for section, rows in report["sections"].items():
         lines += [f"## {section}", ""]
         table = rows if all(isinstance(v, dict) for v in rows.values()) else {"": rows}

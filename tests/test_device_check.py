@@ -37,5 +37,6 @@ def test_device_check_writes_every_section_with_finite_seconds(gtsrb_badnets_dir
         assert all(isinstance(v, float) and math.isfinite(v) and v >= 0 for v in found.values()), (name, found)
     assert set(sections["defenses"]) == {"clp"}
     assert sections["training"]["small"]["float32"]["images_per_s"] > 0
+    assert sections["training"]["small"]["bfloat16"]["images_per_s"] > 0
     assert sections["ft_sweep"]["settings"] == 2 and sections["nc_all_labels"]["labels"] == 43
     assert (tmp_path / "device_check.md").read_text().startswith("# Device check")

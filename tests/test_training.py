@@ -64,6 +64,19 @@ def test_train_many_trains_one_different_model_per_key(trained, task):
         assert np.mean(predict(module, variables, task.images) == task.labels) > 0.9
 
 
+def test_bfloat16_compute_learns_the_task_and_keeps_float32_state(trained, task):
+    """Mixed precision: the same task learnt with the network in bfloat16, while parameters,
+    BN statistics and optimizer state stay float32, and the weights differ from fp32's."""
+    module, _, single = trained
+    config = TrainConfig(**{**CONFIG.__dict__, "compute_dtype": "bfloat16"})
+    low = train(module, task, config, jax.random.split(jax.random.key(0), 3)[1], progress=False)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(low.variables))
+    assert np.isfinite(low.history[-1]["loss"]) and low.history[-1]["loss"] < low.history[0]["loss"]
+    assert np.mean(predict(module, low.variables, task.images) == task.labels) > 0.9
+    kernel, kernel32 = (np.asarray(v["params"]["conv0"]["kernel"]) for v in (low.variables, single.variables))
+    assert not np.array_equal(kernel, kernel32) and np.allclose(kernel, kernel32, atol=0.05)
+
+
 def test_each_model_of_train_many_is_the_model_train_gives_for_its_key(trained, task):
     # Same key -> same init, data order and augmentation; only vmap's batching of the
     # arithmetic differs, so the two agree to float round-off ...
@@ -137,7 +150,7 @@ def test_augment_draws_a_different_crop_per_image():
 # --- configuration -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("bad", [dict(optimizer="rmsprop"), dict(schedule="linear"),
-                                 dict(epochs=-1), dict(batch_size=0)])
+                                 dict(epochs=-1), dict(batch_size=0), dict(compute_dtype="float16")])
 def test_train_config_rejects_invalid_settings(bad):
     with pytest.raises(ValueError):
         TrainConfig(**bad)
