@@ -306,6 +306,18 @@ def train_many(module, dataset: Dataset, config: TrainConfig, keys, *, variables
     return TrainResult(state.variables, history, seconds_before + time.perf_counter() - start)
 
 
+# TrainConfig fields added after checkpoints were written, with the value every older training had:
+# at that value they stay out of the fingerprint, so that adding a field does not orphan them.
+_LATER_FIELDS = {"compute_dtype": "float32"}
+
+
+def _config_text(config: TrainConfig) -> str:
+    """``repr(config)`` without the later fields at their old value (the repr older versions gave)."""
+    fields = [f"{f.name}={getattr(config, f.name)!r}" for f in dataclasses.fields(config)
+              if _LATER_FIELDS.get(f.name, object()) != getattr(config, f.name)]
+    return f"{type(config).__qualname__}({', '.join(fields)})"
+
+
 def _fingerprint(module, dataset: Dataset, config: TrainConfig, keys, start: TrainState, learning_rates) -> str:
     """What identifies one training: recipe, data, keys, architecture and starting weights.
 
@@ -314,7 +326,7 @@ def _fingerprint(module, dataset: Dataset, config: TrainConfig, keys, start: Tra
     later version of the library does not orphan the checkpoints of running trainings.
     """
     digest = hashlib.sha256()
-    for part in (type(module).__name__, repr(config), dataset.info.name,
+    for part in (type(module).__name__, _config_text(config), dataset.info.name,
                  np.asarray(jax.random.key_data(keys)).tobytes(),
                  np.ascontiguousarray(dataset.images).tobytes(), np.asarray(dataset.labels).tobytes(),
                  b"" if learning_rates is None else np.asarray(learning_rates, np.float32).tobytes()):

@@ -282,3 +282,13 @@ def test_a_diverging_training_stops_with_a_clear_error_and_saves_nothing(info, t
     with pytest.raises(TrainingDiverged, match="epoch 1"):
         train(create("small-bn", info), task, config, jax.random.key(0), progress=False, checkpoint_dir=tmp_path)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_config_field_added_later_does_not_orphan_older_checkpoints():
+    # Checkpoints written before TrainConfig had compute_dtype fingerprinted repr(config) without
+    # it; at its old value (float32) the fingerprint's text is that repr, so they still resume.
+    from bdjax.training import _config_text
+
+    config = TrainConfig(epochs=40, batch_size=64, optimizer="sgd", weight_decay=1e-4)
+    assert _config_text(config) == repr(config).replace(", compute_dtype='float32'", "")
+    assert "compute_dtype='bfloat16'" in _config_text(TrainConfig(compute_dtype="bfloat16"))
