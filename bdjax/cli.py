@@ -121,7 +121,8 @@ def cmd_train(args) -> int:
                    target_mode=args.target_mode, poison_rate=args.poison_rate, recipe=args.recipe,
                    epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
                    learning_rate=args.lr, crop_padding=args.crop_padding, weight_decay=args.weight_decay,
-                   compute_dtype=args.compute_dtype, train_subset=args.train_subset, eval_limit=args.eval_limit, seed=args.seed)
+                   compute_dtype=args.compute_dtype, train_subset=args.train_subset, eval_limit=args.eval_limit,
+                   seed=args.seed)
     run = _finished_run(args.out, spec) if args.resume else None
     if run is None:
         config = spec.train_config()
