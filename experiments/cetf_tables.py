@@ -53,6 +53,7 @@ from bdjax.models.inference import predict
 from bdjax.runs import defend_run, split_for_defense
 
 ZOO_DIR = Path(__file__).resolve().parent / "zoo"
+ZOO_V2_DIR = Path(__file__).resolve().parent / "zoo-v2"
 
 
 def spread(indices: np.ndarray, count: int) -> np.ndarray:
@@ -306,6 +307,8 @@ def main(argv=None):
                         help="per-class repairs: CETF's extracted triggers and / or the attack's own")
     parser.add_argument("--triggers", type=int, nargs="+", default=[1],
                         help="detection: triggers pasted per input (the paper's multi-trigger setting: 2, 3)")
+    parser.add_argument("--zoo", choices=["v1", "v2"], default="v1",
+                        help="which zoo's models (v1: experiments/zoo, v2: experiments/zoo-v2)")
     parser.add_argument("--februus", action="store_true", help="detection: add Februus (input purification)")
     parser.add_argument("--februus-steps", type=int, default=februus.InpainterConfig.steps,
                         help="Februus: inpainter training steps on the defender's clean set")
@@ -317,7 +320,7 @@ def main(argv=None):
 
     results = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
     for name in args.only:
-        run = checkpoint.load(ZOO_DIR / name)
+        run = checkpoint.load((ZOO_DIR if args.zoo == "v1" else ZOO_V2_DIR) / name)
         clean, sets = split_for_defense(run, 2, args.seed, args.data_dir)
         before = evaluate_model(run.module, run.variables, sets)
         hits = np.flatnonzero(predict(run.module, run.variables, sets.triggered.images) == run.target.target)
