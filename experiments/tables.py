@@ -133,7 +133,8 @@ def measure(run, name: str, attack: str, k: int, seed: int, methods: dict[str, t
     for method in todo:
         registered, overrides = methods[method]
         result, seconds = timed_defense(run, registered, overrides, clean, seed)
-        rows = outputs(method, registered, result) if outputs else [(None, result.variables, None, scalars(result.info))]
+        own = [(None, result.variables, None, scalars(result.info))]
+        rows = outputs(method, registered, result) if outputs else own
         for label, variables, secs, info in rows:
             label = label or method
             if record.find(run=name, k=k, seed=seed, method=label):

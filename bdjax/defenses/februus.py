@@ -269,7 +269,8 @@ def load_inpainter(path) -> tuple[InpaintingNet, dict]:
         features = int(arrays.pop("module/features"))
         fill = arrays["stats/fill"]
     except KeyError as err:
-        raise ValueError(f"{path} is not a Februus inpainter (no {err.args[0]!r}; write it with save_inpainter)") from None
+        raise ValueError(f"{path} is not a Februus inpainter (no {err.args[0]!r}; "
+                         "write it with save_inpainter)") from None
     module, template = init_inpainter(jax.random.key(0), (8, 8, fill.shape[0]), features)
     variables = unflatten({key: jnp.asarray(value) for key, value in arrays.items()})
     want = jax.tree_util.tree_map(np.shape, template)
