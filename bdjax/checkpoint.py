@@ -41,7 +41,7 @@ from bdjax import attacks as attacks_lib
 from bdjax import models
 from bdjax.attacks.base import Attack, TargetMap
 from bdjax.data.dataset import INFOS
-from bdjax.trees import flat_items, unflatten
+from bdjax.trees import flat_items, npz_bytes, unflatten
 
 FORMAT_VERSION = 1
 VARIABLES_FILE = "variables.npz"
@@ -131,9 +131,7 @@ def save(run_dir, variables: dict, record: dict, attack: Attack | None = None,
     else:
         record.setdefault("attack", None)
     record["target"] = target.to_record() if target is not None else None
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    payload = buffer.getvalue()
+    payload = npz_bytes(arrays)
     record["variables_sha256"] = hashlib.sha256(payload).hexdigest()
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.", suffix=".new", dir=run_dir.parent))
@@ -358,9 +356,7 @@ def load(run_dir) -> Run:
 def save_training_state(directory, tree, meta: dict) -> Path:
     """Write the leaves of ``tree`` and the JSON ``meta`` (which must hold ``epoch``)."""
     directory = Path(directory)
-    buffer = io.BytesIO()
-    np.savez(buffer, **{f"{i:05d}": np.asarray(leaf) for i, leaf in enumerate(jax.tree_util.tree_leaves(tree))})
-    payload = buffer.getvalue()
+    payload = npz_bytes({f"{i:05d}": leaf for i, leaf in enumerate(jax.tree_util.tree_leaves(tree))})
     name = f"state-{int(meta['epoch']):05d}.npz"
     atomic_write(directory / name, payload)
     meta = dict(meta, state_file=name, state_sha256=hashlib.sha256(payload).hexdigest())

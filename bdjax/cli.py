@@ -55,6 +55,20 @@ def _parse_pairs(pairs: list[str] | None, flag: str) -> dict:
     return result
 
 
+def add_config_options(parser, config_cls):
+    """One ``--field-name`` option per field of the dataclass ``config_cls``, its default the
+    field's (for the ``python -m`` commands that prepare a trigger: LF's search, SSBA's encoder)."""
+    defaults = config_cls()
+    for field in dataclasses.fields(config_cls):
+        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(getattr(defaults, field.name)),
+                            default=getattr(defaults, field.name))
+
+
+def config_from_options(args, config_cls):
+    """The ``config_cls`` that ``add_config_options``' parsed options describe."""
+    return config_cls(**{field.name: getattr(args, field.name) for field in dataclasses.fields(config_cls)})
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with a usage error as one line (``bdjax train: error: ...``); ``-h`` shows the usage."""
 

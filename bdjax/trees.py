@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
+
 import jax
+import numpy as np
 
 
 def flat_items(tree):
@@ -21,3 +24,11 @@ def unflatten(flat: dict) -> dict:
             node = node.setdefault(name, {})
         node[leaf] = value
     return tree
+
+
+def npz_bytes(arrays: dict) -> bytes:
+    """The bytes of an .npz file holding ``arrays`` (name -> array), for an atomic write or a hash
+    (into a buffer: ``np.savez`` on a path would append .npz to any other suffix)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **{name: np.asarray(value) for name, value in arrays.items()})
+    return buffer.getvalue()

@@ -9,7 +9,6 @@ Writes f32[H, W, C] to an .npy file for ``bdjax train --attack lf --attack-arg p
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import sys
 
@@ -19,6 +18,7 @@ import numpy as np
 from bdjax import checkpoint
 from bdjax.attacks.base import TargetMap
 from bdjax.attacks.lf import LFSearchConfig, find_lf_perturbation
+from bdjax.cli import add_config_options, config_from_options
 from bdjax.data import load, stratified_subset
 
 
@@ -32,10 +32,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="the .npy file to write")
     parser.add_argument("--clean-images", type=int, default=500,
                         help="stratified training images the search uses (default 500)")
-    defaults = LFSearchConfig()
-    for field in dataclasses.fields(LFSearchConfig):
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(getattr(defaults, field.name)),
-                            default=getattr(defaults, field.name))
+    add_config_options(parser, LFSearchConfig)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", default=None)
     args = parser.parse_args(argv)
@@ -43,7 +40,7 @@ def main(argv=None) -> int:
     if run.attack is not None:
         print(f"warning: {args.run} was trained with attack {run.attack.name}; LF expects a clean model",
               file=sys.stderr)
-    config = LFSearchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(LFSearchConfig)})
+    config = config_from_options(args, LFSearchConfig)
     train_set = load(run.dataset, "train", args.data_dir)
     clean = stratified_subset(train_set, min(args.clean_images, len(train_set)), jax.random.key(args.seed))
     target = TargetMap("all_to_one", args.target, train_set.info.num_classes)

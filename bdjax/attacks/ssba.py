@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import time
 from pathlib import Path
 from typing import Any
@@ -64,7 +63,7 @@ from flax import struct
 
 from bdjax.attacks.base import Attack, check_images, register
 from bdjax.data.dataset import Dataset, to_float
-from bdjax.trees import flat_items, unflatten
+from bdjax.trees import flat_items, npz_bytes, unflatten
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,11 +270,10 @@ def save_encoder(path, result: EncoderResult):
     arrays.update({f"config/{f.name}": np.asarray(getattr(result.config, f.name))
                    for f in dataclasses.fields(SSBAEncoderConfig)})
     arrays.update({"bit_accuracy": np.asarray(result.bit_accuracy), "psnr": np.asarray(result.psnr)})
-    from bdjax.checkpoint import atomic_write  # here: bdjax.checkpoint imports the attacks
+    # Imported here: bdjax.checkpoint imports the attacks.
+    from bdjax.checkpoint import atomic_write
 
-    buffer = io.BytesIO()  # a file object: np.savez would append .npz to any other suffix
-    np.savez(buffer, **arrays)
-    atomic_write(Path(path).expanduser(), buffer.getvalue())  # a killed save leaves no half file
+    atomic_write(Path(path).expanduser(), npz_bytes(arrays))  # a killed save leaves no half file
 
 
 def load_encoder(path) -> tuple[dict, SSBAEncoderConfig]:

@@ -9,12 +9,12 @@ Writes the encoder's params to an .npz file for ``bdjax train --attack ssba --at
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
 import jax
 
 from bdjax.attacks.ssba import SSBAEncoderConfig, save_encoder, train_encoder
+from bdjax.cli import add_config_options, config_from_options
 from bdjax.data import load, stratified_subset
 
 
@@ -26,15 +26,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="the .npz file to write")
     parser.add_argument("--clean-images", type=int, default=None,
                         help="train on this many stratified training images (default: all)")
-    defaults = SSBAEncoderConfig()
-    for field in dataclasses.fields(SSBAEncoderConfig):
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(getattr(defaults, field.name)),
-                            default=getattr(defaults, field.name))
+    add_config_options(parser, SSBAEncoderConfig)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     args = parser.parse_args(argv)
-    config = SSBAEncoderConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SSBAEncoderConfig)})
+    config = config_from_options(args, SSBAEncoderConfig)
     train_set = load(args.dataset, "train", args.data_dir)
     if args.clean_images is not None:
         train_set = stratified_subset(train_set, min(args.clean_images, len(train_set)), jax.random.key(args.seed))

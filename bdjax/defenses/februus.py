@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 from pathlib import Path
 
 import flax.linen as nn
@@ -51,7 +50,7 @@ from bdjax.defenses.cetf import region_mask
 from bdjax.defenses.gradcam import grad_cam
 from bdjax.defenses.strip import check_inputs
 from bdjax.models.inference import padded_batches
-from bdjax.trees import flat_items, unflatten
+from bdjax.trees import flat_items, npz_bytes, unflatten
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,10 +247,8 @@ def save_inpainter(path, module: InpaintingNet, variables: dict) -> Path:
     """Write the generator as one ``.npz`` (every leaf under its '/'-joined path, plus its width)."""
     arrays = {key: np.asarray(leaf) for key, leaf in flat_items(variables)}
     arrays["module/features"] = np.array(module.features)
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
     path = Path(path)
-    atomic_write(path, buffer.getvalue())
+    atomic_write(path, npz_bytes(arrays))
     return path
 
 
