@@ -41,22 +41,30 @@ BACKDOORBENCH_CIFAR10 = {"BadNets": (91.32, 95.03), "Blended": (93.47, 99.92), "
 SUMMARY_SOURCES = ("tsbd_tables", "suspicion_table")
 
 VERDICT_RULE = (
-    "Verdict, from the mean over seeds of the defended ASR and of the ACC cost (undefended minus "
-    "defended ACC, each seed against its own undefended model), compared with the paper's: "
-    "**reproduced** when ASR is within 10 points of the paper's (or below it) and the ACC cost at most "
-    "3 points above the paper's; **near** within 25 points and 6 points; **not** otherwise. "
-    "\"Setting\" says whether dataset and architecture are the paper's; where they are not, the verdict "
-    "compares with the paper's numbers for another setting and says less.")
+    "Verdict (SPEC.md's reproduction rule), from the mean over seeds of the defended ASR and of the "
+    "ACC cost (undefended minus defended ACC, each seed against its own undefended model), compared "
+    "with the paper's: **reproduced** when our ASR is at most 5 points above the paper's and our ACC "
+    "cost at most 3 points above the paper's; **near** within 15 ASR points and 10 ACC points; **not** "
+    "otherwise. \"stronger\" marks a row whose ASR is 20 or more points below the paper's at an ACC "
+    "cost within the near bound (the paper's comparison does not hold there); below it at a larger cost "
+    "the backdoor went with the model. \"Setting\" says whether dataset and architecture are the "
+    "paper's; where they are not, the verdict compares with the paper's numbers for another setting "
+    "and says less. \"Stats\" says whether the row meets SPEC.md's statistics (at least 3 seeds).")
+MIN_SEEDS = 3
 
 
 def verdict(asr: float, cost: float, paper_asr: float, paper_cost: float) -> str:
     """VERDICT_RULE for rates in [0, 1]."""
     asr_gap, cost_gap = asr - paper_asr, cost - paper_cost
-    if asr_gap <= 0.10 and cost_gap <= 0.03:
-        return "reproduced"
-    if asr_gap <= 0.25 and cost_gap <= 0.06:
-        return "near"
-    return "not"
+    if asr_gap <= 0.05 + 1e-9 and cost_gap <= 0.03 + 1e-9:
+        found = "reproduced"
+    elif asr_gap <= 0.15 + 1e-9 and cost_gap <= 0.10 + 1e-9:
+        found = "near"
+    else:
+        found = "not"
+    if asr_gap > -0.20:
+        return found
+    return found + (" (stronger)" if cost_gap <= 0.10 + 1e-9 else " (backdoor gone with the model)")
 
 
 def measured_summary() -> str:
@@ -79,23 +87,27 @@ def measured_summary() -> str:
             if method == "none" or paper is None:
                 continue
             paired = [(c, before[c["run"], c["k"], c["seed"]]) for c in group if (c["run"], c["k"], c["seed"]) in before]
+            undefended = f"{100 * np.mean([b['acc'] for _, b in paired]):.1f} / {100 * np.mean([b['asr'] for _, b in paired]):.1f}"
             asr = [c["asr"] for c, _ in paired]
             cost = [b["acc"] - c["acc"] for c, b in paired]
             paper_cost = paper["acc_before"] - paper["acc"]
             same = paper["dataset"] == group[0]["dataset"]
-            rows.append(f"| {method} | {group[0]['attack']} | {run} ({group[0]['dataset']}), k = {k} | "
+            rows.append(f"| {method} | {group[0]['attack']} | {run} ({group[0]['dataset']}), k = {k} | {undefended} | "
                         f"{100 * paper['asr']:.1f} / {100 * paper_cost:.1f} | {tables.mean_std(asr, digits=1, count=False)} / {tables.mean_std(cost, digits=1, count=False)} "
-                        f"| {len(paired)} | {'same' if same else 'paper: ' + paper['dataset'] + ' ' + paper['model']} "
+                        f"| {len(paired)} | {'yes' if len(paired) >= MIN_SEEDS else 'no: < 3 seeds'} "
+                        f"| {'same' if same else 'paper: ' + paper['dataset'] + ' ' + paper['model']} "
                         f"| {verdict(np.mean(asr), np.mean(cost), paper['asr'], paper_cost)} | `{source}` |")
     lines = ["## Summary: paper vs ours (generated from the records)", "",
              VERDICT_RULE, "",
              "ASR after the defense / ACC cost, in points (%). Ours: mean ± sample std over seeds "
-             "(clean-set draws).", "",
-             "| method | attack | ours on | paper ASR / cost | ours ASR / cost | seeds | setting | verdict | record |",
-             "|---|---|---|---|---|---|---|---|---|",
+             "(clean-set draws). \"Undefended\": our model's ACC / ASR before the defense (mean over the "
+             "seeds' evaluation sets).", "",
+             "| method | attack | ours on | undefended ACC / ASR | paper ASR / cost | ours ASR / cost | seeds | stats "
+             "| setting | verdict | record |",
+             "|---|---|---|---|---|---|---|---|---|---|---|",
              *rows]
     if not rows:
-        lines.append("| – | – | no record in the summary format yet | | | | | | |")
+        lines.append("| – | – | no record in the summary format yet | | | | | | | | |")
     pending = [name for name in ORDER if name.removesuffix(".md") not in SUMMARY_SOURCES]
     lines += ["", "Not in this summary yet (zoo v1 tables or records of another format, summarised by hand "
               "below): " + ", ".join(f"`{name}`" for name in pending) + ".", ""]

@@ -1,0 +1,32 @@
+"""experiments/results_book.py's verdict follows SPEC.md's reproduction rule as written."""
+
+from pathlib import Path
+
+import pytest
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+
+
+@pytest.fixture
+def book(monkeypatch):
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))
+    import results_book
+    return results_book
+
+
+@pytest.mark.parametrize("asr, cost, expected", [
+    (0.07, 0.045, "reproduced"),   # ASR paper + 5, cost paper + 3: the edges are in
+    (0.08, 0.015, "near"),         # ASR 6 points above the paper's
+    (0.02, 0.05, "near"),          # cost 3.5 points above the paper's
+    (0.17, 0.115, "near"),         # both at the near edges (15 / 10)
+    (0.18, 0.015, "not"),
+    (0.02, 0.12, "not"),
+])
+def test_verdict_uses_specs_bounds(book, asr, cost, expected):
+    assert book.verdict(asr, cost, paper_asr=0.02, paper_cost=0.015) == expected
+
+
+def test_a_row_far_below_the_papers_asr_is_flagged_and_a_destroyed_model_is_not_called_stronger(book):
+    assert book.verdict(0.0, 0.01, paper_asr=0.25, paper_cost=0.015) == "reproduced (stronger)"
+    assert book.verdict(0.0, 0.96, paper_asr=0.25, paper_cost=0.015) == "not (backdoor gone with the model)"
+    assert book.verdict(0.06, 0.01, paper_asr=0.25, paper_cost=0.015) == "reproduced"  # 19 points below
