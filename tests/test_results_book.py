@@ -30,3 +30,14 @@ def test_a_row_far_below_the_papers_asr_is_flagged_and_a_destroyed_model_is_not_
     assert book.verdict(0.0, 0.01, paper_asr=0.25, paper_cost=0.015) == "reproduced (stronger)"
     assert book.verdict(0.0, 0.96, paper_asr=0.25, paper_cost=0.015) == "not (backdoor gone with the model)"
     assert book.verdict(0.06, 0.01, paper_asr=0.25, paper_cost=0.015) == "reproduced"  # 19 points below
+
+
+def test_the_diagnosis_reads_the_stored_records_and_names_the_missing_ones(book, monkeypatch, tmp_path):
+    import diagnosis
+
+    text = diagnosis.section()
+    assert text.startswith("## Diagnosis") and "**FT on GTSRB BadNets" in text and "**CETF clean false positives" in text
+    monkeypatch.setattr(diagnosis, "RESULTS", tmp_path)  # no records: each paragraph names its command
+    empty = diagnosis.section()
+    assert empty.count("Record missing") + empty.count("Records missing") == 4
+    assert "tsbd_tables.py" in empty and "cetf_tables.py" in empty
