@@ -214,8 +214,9 @@ def train_runs(specs: list[RunSpec], outs: list, data_dir=None, progress: bool =
         print(note, file=sys.stderr, flush=True)
     attacks = [attack] * len(specs)
     if jointly_trained:
-        results = [attacks_lib.TRAINED_WITH_MODEL[spec.attack](spec, module, train_set, target, key, config, progress)
-                   for key in keys]
+        results = [attacks_lib.TRAINED_WITH_MODEL[spec.attack](spec, module, train_set, target, key, config, progress,
+                                                               checkpoint_dir=out / checkpoint.TRAINING_DIR)
+                   for key, out in zip(keys, outs)]
         trained, attacks = [r.variables for r in results], [r.attack for r in results]
         histories, seconds = [r.history for r in results], [r.seconds for r in results]
         poison_count = results[0].poison_count

@@ -10,6 +10,7 @@ here: density 0.1 / rate 0.2 gave ASR 0.63-0.86 after 6-10 epochs, 8-wide genera
 """
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -172,3 +173,38 @@ def test_input_aware_trigger_is_a_pure_serialisable_function_of_the_input(uint8_
     meta, arrays = attack.to_record()
     again = from_record(json.loads(json.dumps(meta)), arrays)
     np.testing.assert_array_equal(again.apply_uint8(uint8_images), attack.apply_uint8(uint8_images))
+
+
+@pytest.mark.slow
+def test_input_aware_training_killed_after_an_epoch_resumes_to_the_uninterrupted_result(random_dataset, tmp_path,
+                                                                                        monkeypatch):
+    module = models.create("small", SYNTHETIC_INFO)
+    target = TargetMap("all_to_one", 0, 4)
+    config = InputAwareConfig(channels=4, mask_epochs=1)
+    train_config = TrainConfig(epochs=2, batch_size=10, crop_padding=0)
+    args = (module, random_dataset, target, jax.random.key(5), config, train_config)
+    whole = train_input_aware(*args, progress=False, checkpoint_dir=tmp_path / "whole")
+
+    save = checkpoint.save_training_state
+
+    def save_then_die(directory, tree, meta):
+        save(directory, tree, meta)
+        if meta["epoch"] == 2:  # after the mask epoch and the first joint epoch
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save_training_state", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_input_aware(*args, progress=False, checkpoint_dir=tmp_path / "killed")
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "killed" / checkpoint.TRAINING_META).read_text())["epoch"] == 2
+    resumed = train_input_aware(*args, progress=False, checkpoint_dir=tmp_path / "killed")
+    assert [h["stage"] for h in resumed.history] == ["mask", "joint", "joint"]
+    assert resumed.history == whole.history
+    for a, b in zip(jax.tree_util.tree_leaves((whole.variables, whole.attack)),
+                    jax.tree_util.tree_leaves((resumed.variables, resumed.attack))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    other = dataclasses.replace(config, mask_density=0.1)  # another training's state is refused
+    with pytest.raises(checkpoint.CheckpointError, match="another input-aware training"):
+        train_input_aware(module, random_dataset, target, jax.random.key(5), other, train_config, progress=False,
+                          checkpoint_dir=tmp_path / "killed")

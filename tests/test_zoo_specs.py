@@ -45,3 +45,10 @@ def test_bar_follows_issue_27():
     assert zoo._meets(gtsrb, {"acc": 0.97, "asr": 0.99}) == "yes"
     assert zoo._meets(gtsrb, {"acc": 0.95, "asr": 0.5}) == "no: ACC < 0.96, ASR < 0.95"
     assert zoo._meets(specs["resnet20-gtsrb-clean"], {"acc": 0.97, "asr": None}) == "yes"
+
+
+def test_cpu_epoch_counts_of_slow_planting_attacks_stay_out_of_the_accelerator_zoo():
+    v2, accelerator = zoo.v2_specs(), zoo.v2_specs(accelerator=True)
+    assert v2["resnet20-gtsrb-wanet"].epochs == 15 and v2["resnet20-gtsrb-input-aware"].epochs == 10
+    assert accelerator["preact-resnet18-gtsrb-wanet"].epochs is None
+    assert accelerator["preact-resnet18-gtsrb-input-aware"].epochs is None

@@ -25,7 +25,7 @@ Training, after the authors' release (input-aware-backdoor-attack-release, train
 classifier with the run's recipe instead (``--recipe``, ``--epochs``, ...), takes
 ``--poison-rate`` as the attack rate and ``--attack-arg`` for the other ``InputAwareConfig``
 fields, and saves an ordinary run (the generators in ``variables.npz`` under ``attack/``); it
-keeps no per-epoch training state, so ``--resume`` starts again.
+keeps per-epoch training state like any run, so a killed ``bdjax train`` continues with ``--resume``.
 
 Deviations, mostly CPU budgets: the number of epochs is the caller's (the paper trains
 600); the classifier's step decays are not applied (they fall at epoch 100 and later;
@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import time
 from typing import Any
 
@@ -57,8 +58,8 @@ from flax import struct
 from bdjax.attacks.base import Attack, TargetMap, check_images, register
 from bdjax.data.dataset import Dataset
 from bdjax.models.base import batch_norm
-# A module import: bdjax.training imports bdjax.checkpoint, which imports the attacks.
-from bdjax import training
+# Module imports: bdjax.training imports bdjax.checkpoint, which imports the attacks.
+from bdjax import checkpoint, training
 
 _EPSILON = 1e-7  # the authors' EPSILON (diversity loss, output scaling)
 
@@ -313,15 +314,33 @@ def _epoch_mean(metrics: list[dict]) -> dict:
     return {k: float(np.nanmean([m[k] for m in metrics])) for k in metrics[0]}
 
 
+def _fingerprint(module, dataset: Dataset, target: TargetMap, key, config: InputAwareConfig,
+                 train_config: training.TrainConfig, start) -> str:
+    """What identifies one input-aware training: settings, data, target, key, architecture and
+    starting weights (as ``training._fingerprint`` for ordinary training)."""
+    digest = hashlib.sha256()
+    for part in (type(module).__name__, repr(config), training._config_text(train_config), repr(target),
+                 dataset.info.name, np.asarray(jax.random.key_data(key)).tobytes(),
+                 np.ascontiguousarray(dataset.images).tobytes(), np.asarray(dataset.labels).tobytes()):
+        digest.update(part.encode() if isinstance(part, str) else part)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(start):
+        leaf = np.asarray(leaf)
+        digest.update(f"{jax.tree_util.keystr(path)}{leaf.shape}{leaf.dtype}".encode() + leaf.tobytes())
+    return digest.hexdigest()
+
+
 def train_input_aware(module, dataset: Dataset, target: TargetMap, key,
                       config: InputAwareConfig = InputAwareConfig(), train_config: training.TrainConfig | None = None,
-                      *, variables=None, progress: bool = True) -> InputAwareResult:
+                      *, variables=None, progress: bool = True, checkpoint_dir=None) -> InputAwareResult:
     """Train a classifier with an input-aware backdoor on the clean training set ``dataset``.
 
     module: the classifier (``bdjax.models.create``); ``variables``: its starting point
     (default: a fresh init from ``key``). ``train_config``: the classifier's training (epochs,
     batch size, optimizer, crop; default ``classifier_config(15)``). Each step reads two
     independently shuffled batches, as the authors' two data loaders.
+    ``checkpoint_dir``: after every epoch (mask pre-training and joint) the whole state (both
+    generators, the classifier, their optimizers, the data order) is saved there, and a call
+    with the same arguments continues from it; the result equals an uninterrupted run's.
     Returns the classifier's variables and the fitted ``InputAware`` attack.
     """
     from tqdm.auto import tqdm
@@ -355,22 +374,11 @@ def train_input_aware(module, dataset: Dataset, target: TargetMap, key,
         for i in range(steps_per_epoch):
             yield i, first[i * batch:(i + 1) * batch], second[i * batch:(i + 1) * batch]
 
-    # 1. mask generator pre-training
+    # Both stages' states exist from the start, so that one checkpoint layout serves every epoch.
     mask_opt = _adam(config.mask_lr, config.mask_milestones, steps_per_epoch)
     mask_variables = _init(mask_net, mask_key, image_shape)
     mask_state = _MaskState(mask_variables, mask_opt.init(mask_variables["params"]))
     mask_step = jax.jit(functools.partial(_mask_step, mask_net, mask_opt, config), donate_argnums=0)
-    for epoch in range(config.mask_epochs):
-        metrics = []
-        for _, first, second in tqdm(batches(epoch), total=steps_per_epoch, disable=not progress, leave=False,
-                                     desc=f"input-aware mask {epoch + 1}/{config.mask_epochs}"):
-            mask_state, m = mask_step(mask_state, jnp.asarray(images[first], jnp.float32) / 255.0,
-                                      jnp.asarray(images[second], jnp.float32) / 255.0)
-            metrics.append(m)
-        history.append({"stage": "mask", **_epoch_mean(metrics)})
-    mask_variables = mask_state.variables
-
-    # 2. joint training of the classifier and the trigger generator
     classifier_opt = training.make_optimizer(train_config, steps_per_epoch * train_config.epochs)
     generator_opt = _adam(config.generator_lr, config.generator_milestones, steps_per_epoch)
     if variables is None:
@@ -380,36 +388,68 @@ def train_input_aware(module, dataset: Dataset, target: TargetMap, key,
                         classifier_opt.init(variables["params"]), generator_opt.init(generator["params"]))
     step = jax.jit(functools.partial(_joint_step, module, pattern_net, mask_net, classifier_opt, generator_opt,
                                      target, config, counts, train_config.crop_padding, flip), donate_argnums=0)
-    for epoch in range(train_config.epochs):
+    first_epoch, seconds_before, fingerprint = 0, 0.0, None
+    if checkpoint_dir is not None:
+        fingerprint = _fingerprint(module, dataset, target, key, config, train_config, (mask_state, state))
+        saved = checkpoint.load_training_state(checkpoint_dir, (mask_state, state))
+        if saved is not None:
+            (mask_state, state), meta = saved
+            if meta.get("fingerprint") != fingerprint:
+                raise checkpoint.CheckpointError(
+                    f"the training state in {checkpoint_dir} was written by another input-aware training (its "
+                    "data, settings, seed or model differ); remove it or start again with --overwrite")
+            first_epoch, seconds_before, history = meta["epoch"], meta["seconds"], meta["history"]
+            for rng, rng_state in zip(orders, meta["data_order"]):
+                rng.bit_generator.state = rng_state
+    total = config.mask_epochs + train_config.epochs
+
+    for overall in range(first_epoch, total):
         metrics = []
-        epoch_key = jax.random.fold_in(step_key, epoch)
-        for i, first, second in tqdm(batches(epoch), total=steps_per_epoch, disable=not progress, leave=False,
-                                     desc=f"input-aware {epoch + 1}/{train_config.epochs}"):
-            state, m = step(state, mask_variables, images[first], labels[first], images[second],
-                            jax.random.fold_in(epoch_key, i))
-            metrics.append(m)
-        history.append({"stage": "joint", **_epoch_mean(metrics)})
-        if progress:
-            print(f"input-aware epoch {epoch + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in history[-1].items()
-                                                                 if k != "stage"))
+        if overall < config.mask_epochs:  # 1. mask generator pre-training
+            for _, first, second in tqdm(batches(overall), total=steps_per_epoch, disable=not progress, leave=False,
+                                         desc=f"input-aware mask {overall + 1}/{config.mask_epochs}"):
+                mask_state, m = mask_step(mask_state, jnp.asarray(images[first], jnp.float32) / 255.0,
+                                          jnp.asarray(images[second], jnp.float32) / 255.0)
+                metrics.append(m)
+            history.append({"stage": "mask", **_epoch_mean(metrics)})
+        else:  # 2. joint training of the classifier and the trigger generator (mask generator frozen)
+            epoch = overall - config.mask_epochs
+            epoch_key = jax.random.fold_in(step_key, epoch)
+            for i, first, second in tqdm(batches(epoch), total=steps_per_epoch, disable=not progress, leave=False,
+                                         desc=f"input-aware {epoch + 1}/{train_config.epochs}"):
+                state, m = step(state, mask_state.variables, images[first], labels[first], images[second],
+                                jax.random.fold_in(epoch_key, i))
+                metrics.append(m)
+            history.append({"stage": "joint", **_epoch_mean(metrics)})
+            if progress:
+                print(f"input-aware epoch {epoch + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in history[-1].items()
+                                                                     if k != "stage"))
         if not np.isfinite(history[-1]["loss"]):
-            raise FloatingPointError(f"input-aware training diverged in epoch {epoch + 1} "
-                                     f"(loss {history[-1]['loss']}); lower the learning rates")
+            raise FloatingPointError(f"input-aware training diverged in {history[-1]['stage']} epoch "
+                                     f"{overall + 1} (loss {history[-1]['loss']}); lower the learning rates")
+        if checkpoint_dir is not None:
+            checkpoint.save_training_state(checkpoint_dir, jax.device_get((mask_state, state)), {
+                "epoch": overall + 1, "epochs": total, "fingerprint": fingerprint,
+                "seconds": seconds_before + time.perf_counter() - started, "history": history,
+                "data_order": [rng.bit_generator.state for rng in orders]})
+    mask_variables = mask_state.variables
     jax.block_until_ready(state)
     classifier = {"params": state.classifier_params}
     if state.classifier_stats:
         classifier["batch_stats"] = state.classifier_stats
     attack = InputAware(generator=state.generator, mask_generator=mask_variables, channels=config.channels)
-    return InputAwareResult(classifier, attack, history, time.perf_counter() - started)
+    return InputAwareResult(classifier, attack, history, seconds_before + time.perf_counter() - started)
 
 
-def train_for_run(spec, module, dataset: Dataset, target: TargetMap, key, train_config, progress: bool = True
-                  ) -> InputAwareResult:
+def train_for_run(spec, module, dataset: Dataset, target: TargetMap, key, train_config, progress: bool = True,
+                  checkpoint_dir=None) -> InputAwareResult:
     """``bdjax train --attack input-aware`` (``runs.train_runs``): the classifier trained with the run's
     recipe (``train_config``), the generators with the paper's settings; ``spec.poison_rate`` is the
     attack rate and ``spec.attack_args`` the other ``InputAwareConfig`` fields. The result's
-    ``poison_count`` is the attack-mode samples of one epoch. No per-epoch checkpoint (no ``--resume``)."""
+    ``poison_count`` is the attack-mode samples of one epoch. ``checkpoint_dir``: per-epoch training
+    state, as ``bdjax train --resume`` reads it."""
     config = InputAwareConfig(attack_rate=spec.poison_rate, **spec.attack_args)
-    result = train_input_aware(module, dataset, target, key, config, train_config, progress=progress)
+    result = train_input_aware(module, dataset, target, key, config, train_config, progress=progress,
+                               checkpoint_dir=checkpoint_dir)
     result.poison_count = int(config.attack_rate * train_config.batch_size) * train_config.steps_per_epoch(len(dataset))
     return result
