@@ -4,7 +4,8 @@
     BDJAX_DATA_DIR=../shared/data python experiments/defense_benchmark.py            # library defaults
 
 Every registered defense (``bdjax.defenses.DEFENSES``) runs on the same zoo run (default
-medium-bn GTSRB BadNets), with the same defender's clean set (``--per-class`` images of every
+zoo v2 ResNet-20 GTSRB BadNets; the zoo v1 medium-bn table of 2026-11-30 is kept as
+``results/defense_benchmark_zoo_v1.md``), with the same defender's clean set (``--per-class`` images of every
 class from the test split) and is evaluated on the same held-out test images. "defense s" is
 the defense function itself, compilation included, evaluation excluded (TAC and ABS, the
 thesis's methods, get one image per class of that clean set, their setting). Input filters (CETF,
@@ -19,6 +20,8 @@ so the whole benchmark takes about 1.5 hours on one CPU core; ``default`` uses e
 library defaults (many hours on a CPU: NC and BNA search every label or class pair with 300
 steps, ANP runs 2,000 iterations, TAC 1,000 reconstruction epochs). One JSON record per method
 is kept in ``--records`` and skipped on a rerun; the table is rewritten from the records.
+The header gives the model's training images/s (from its run record) and its inference
+images/s on the evaluation set (measured here, compilation excluded).
 """
 
 from __future__ import annotations
@@ -107,6 +110,9 @@ def write_table(path: Path, records: list[dict], header: dict) -> None:
         f"Model: zoo `{header['run']}`; defender's clean set {header['defense_size']} test images "
         f"({header['per_class']} per class); evaluation: {header['eval_size']} other test images "
         f"(input filters: {header['filter_eval']}). Before any defense: {header['before']}.",
+        f"Throughput: training {header.get('train_images_per_s', '–')} images/s (the run's record, "
+        f"its training machine), inference {header.get('inference_images_per_s', '–')} images/s "
+        "(clean evaluation set, this machine, compilation excluded).",
         f"Budget: {header['budget']} (overrides per method in the table). \"defense s\" = the defense "
         "itself, compilation included, evaluation excluded; filters also report evaluation seconds per "
         "screened input. ACC/ASR of a filter count rejected inputs as wrong / failed.",
@@ -124,11 +130,20 @@ def write_table(path: Path, records: list[dict], header: dict) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def inference_images_per_s(run, sets) -> float:
+    """Images/s of ``evaluate_model`` on ``sets`` (clean and triggered), its second call: compilation excluded."""
+    evaluate_model(run.module, run.variables, sets)
+    started = time.perf_counter()
+    evaluate_model(run.module, run.variables, sets)
+    return (len(sets.clean) + len(sets.triggered)) / (time.perf_counter() - started)
+
+
 def _header(args, run, run_name, clean, sets, filter_sets) -> dict:
     before = evaluate_model(run.module, run.variables, sets)
+    trained = run.record.get("images_per_second")
     before_filter = evaluate_model(run.module, run.variables, filter_sets)
     return {
-        "command": f"python experiments/defense_benchmark.py --budget {args.budget}",
+        "command": " ".join(["python experiments/defense_benchmark.py", *args.argv]),
         "machine": f"{jax.default_backend()} ({platform.processor() or platform.machine()}, "
                    f"{os.cpu_count()} logical cores)",
         "run": run_name, "defense_size": len(clean), "per_class": args.per_class,
@@ -136,12 +151,14 @@ def _header(args, run, run_name, clean, sets, filter_sets) -> dict:
                                                      f"{len(filter_sets.triggered)} triggered",
         "before": f"ACC {100 * before.acc:.1f} %, ASR {100 * before.asr:.1f} % (filter subset: ACC "
                   f"{100 * before_filter.acc:.1f} %, ASR {100 * before_filter.asr:.1f} %)", "budget": args.budget,
+        "train_images_per_s": "–" if trained is None else f"{trained:.0f}",
+        "inference_images_per_s": f"{inference_images_per_s(run, sets):.0f}",
     }
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run", default=str(HERE / "zoo" / "medium-bn-gtsrb-badnets"))
+    parser.add_argument("--run", default=str(HERE / "zoo-v2" / "resnet20-gtsrb-badnets"))
     parser.add_argument("--budget", choices=("quick", "default"), default="quick")
     parser.add_argument("--methods", nargs="*", default=None, help="default: every registered defense")
     parser.add_argument("--per-class", type=int, default=10)
@@ -153,6 +170,7 @@ def main(argv=None) -> int:
     parser.add_argument("--records", type=Path, default=HERE / "results" / "defense_benchmark.json")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "defense_benchmark.md")
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the table names the command that wrote it
 
     run = checkpoint.load(args.run)
     clean, sets = split_for_defense(run, args.per_class, args.seed, args.data_dir, args.eval_limit)
