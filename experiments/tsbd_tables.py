@@ -77,6 +77,15 @@ PAPER = {
     ("wanet", "none"): (91.25, 89.73, None), ("wanet", "ft"): (93.48, 17.10, 86.32),
     ("wanet", "fp"): (91.46, 1.09, 94.32), ("wanet", "rnp"): (90.43, 0.96, 93.98),
     ("wanet", "tsbd"): (93.26, 0.88, 94.43),
+    # Input-aware, LF and SSBA rows (issue 30; each row's DER checked against its ACC / ASR).
+    ("input-aware", "none"): (90.67, 98.26, None), ("input-aware", "ft"): (93.12, 1.72, 98.27),
+    ("input-aware", "fp"): (91.74, 0.04, 99.11), ("input-aware", "rnp"): (90.52, 1.84, 98.13),
+    ("input-aware", "tsbd"): (93.06, 1.94, 98.16),
+    ("lf", "none"): (93.19, 99.28, None), ("lf", "ft"): (92.37, 78.44, 60.01), ("lf", "fp"): (92.90, 98.97, 50.01),
+    ("lf", "rnp"): (88.43, 7.02, 93.75), ("lf", "tsbd"): (91.20, 2.64, 97.32),
+    ("ssba", "none"): (92.88, 97.86, None), ("ssba", "ft"): (92.14, 74.79, 61.16),
+    ("ssba", "fp"): (92.54, 83.50, 57.01), ("ssba", "rnp"): (88.60, 17.89, 87.84),
+    ("ssba", "tsbd"): (91.57, 1.66, 97.44),
 }
 
 

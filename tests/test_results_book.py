@@ -41,3 +41,16 @@ def test_the_diagnosis_reads_the_stored_records_and_names_the_missing_ones(book,
     empty = diagnosis.section()
     assert empty.count("Record missing") + empty.count("Records missing") == 4
     assert "tsbd_tables.py" in empty and "cetf_tables.py" in empty
+
+
+def test_tsbd_paper_rows_agree_with_their_own_der(monkeypatch):
+    """Each transcribed row of the TSBD slides' Table 1: DER = [ΔASR − max(0, ΔACC) + 100] / 2 (%)."""
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))
+    import tsbd_tables
+
+    for (attack, method), (acc, asr, der) in tsbd_tables.PAPER.items():
+        if der is None:
+            continue
+        acc0, asr0, _ = tsbd_tables.PAPER[attack, "none"]
+        expected = (max(0.0, asr0 - asr) - max(0.0, acc0 - acc) + 100) / 2
+        assert abs(expected - der) < 0.05, (attack, method, expected, der)  # the slides round
