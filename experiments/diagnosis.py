@@ -96,21 +96,34 @@ def rnp() -> str:
     if not cells:
         return "**RNP.** Record missing: `python experiments/tsbd_tables.py`."
     from bdjax import checkpoint, surgery
+    from bdjax.defenses.rnp import RnpConfig
 
     run = checkpoint.load(ZOO_V2 / "resnet20-gtsrb-badnets")
     neurons = sum(int(surgery.get_path(run.variables["params"], u.bn)["scale"].shape[-1])
                   for u in surgery.bn_units(run.module))
-    from bdjax.defenses.rnp import RnpConfig
-
     counts = [c["info"]["pruned_count"] for c in cells]
-    return (f"**RNP (ACC {_pct([c['acc'] for c in cells])} after, over {', '.join(sorted({c['run'] for c in cells}))} "
+    text = (f"**RNP (ACC {_pct([c['acc'] for c in cells])} after, over {', '.join(sorted({c['run'] for c in cells}))} "
             "and their seeds; the slides' rows cost 1.5-4.7 ACC points).** At "
             f"its paper threshold {RnpConfig.threshold} it prunes {min(counts)}-{max(counts)} of the "
             f"{neurons} BN neurons of ResNet-20 ({100 * min(counts) / neurons:.0f}-{100 * max(counts) / neurons:.0f}%): "
-            "the model goes with the backdoor. Our hypothesis, not yet tested: the unlearning target "
-            "(clean ACC <= 0.2) is set for 10 classes, and on 43 classes (chance 0.023) it stops at a "
-            "model whose masks fall for most neurons. Not yet run: the mask distribution per unlearning "
-            "target, with any threshold chosen on the defender's clean set, not on test ASR.")
+            "the model goes with the backdoor. ")
+    sweeps = _cells("rnp_diagnosis")
+    if not sweeps:
+        return text + ("Our hypothesis, not yet tested: the unlearning target (clean ACC <= 0.2) is set for 10 "
+                       "classes, and on 43 classes (chance 0.023) it stops at a model whose masks fall for most "
+                       "neurons. Not yet run: `python experiments/rnp_diagnosis.py` (the masks per unlearning "
+                       "target, pruned at several thresholds).")
+    found = []
+    for c in sweeps:
+        best = max(c["sweep"], key=lambda s: s["acc"] - s["asr"])
+        found.append(f"{c['run']} seed {c['seed']}, unlearning to {c['unlearn_target']} "
+                     f"({c['unlearning']['steps']} steps, reached {100 * c['unlearning']['accuracy']:.1f}%): "
+                     f"median mask {c['mask_quantiles']['0.5']:.2f}; "
+                     + ", ".join(f"{s['threshold']} prunes {s['pruned']} → ACC {100 * s['acc']:.1f} / ASR "
+                                 f"{100 * s['asr']:.1f}" for s in c["sweep"])
+                     + f" (widest ACC − ASR gap at {best['threshold']})")
+    return text + ("Masks pruned at several thresholds (`experiments/rnp_diagnosis.py`; a sweep over TEST data for "
+                   "diagnosis, no threshold here is RNP's result): " + "; ".join(found) + ".")
 
 
 def cetf() -> str:
