@@ -22,6 +22,7 @@ from bdjax import surgery
 from bdjax.data.dataset import Dataset
 from bdjax.defenses.base import DefenseResult, check_clean_set, register
 from bdjax.defenses.unlearning import gradient_ascent, minibatches
+from bdjax.models.inference import predict
 from bdjax.training import cross_entropy
 
 
@@ -30,7 +31,15 @@ class RnpConfig:
     """SPEC "Baselines" / RNP's code: unlearning SGD lr 0.01 (momentum 0.9, wd 5e-4, gradient
     norm clipped at 20) for at most 20 epochs or until clean accuracy <= 0.2; recovery SGD lr
     0.2 (momentum 0.9) on the masks for 20 epochs with loss 0.2 * CE; prune masks < 0.7;
-    batch size 128 (BackdoorBench)."""
+    batch size 128 (BackdoorBench).
+
+    threshold None (not RNP's; bdjax's defender-side variant): the largest of ``thresholds``
+    whose pruned ORIGINAL model keeps its accuracy on the defender's clean set within
+    ``max_acc_drop`` of the unpruned model's (fine-pruning's 10-point budget, as ANP's
+    threshold=None). The clean set is the one the masks were learned on (RNP has no held-out
+    part); it was never the model's training data. BackdoorBench picks RNP's threshold with
+    test data; this never does.
+    """
 
     unlearn_lr: float = 0.01
     unlearn_max_accuracy: float = 0.2
@@ -38,8 +47,16 @@ class RnpConfig:
     mask_lr: float = 0.2
     mask_epochs: int = 20
     alpha: float = 0.2
-    threshold: float = 0.7
+    threshold: float | None = 0.7
     batch_size: int = 128
+    thresholds: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 19))
+    max_acc_drop: float = 0.1
+
+    def __post_init__(self):
+        if self.threshold is None and not self.thresholds:
+            raise ValueError("thresholds must not be empty when threshold is None")
+        if not 0.0 <= self.max_acc_drop <= 1.0:
+            raise ValueError(f"max_acc_drop must lie in [0, 1], got {self.max_acc_drop}")
 
 
 def learn_neuron_masks(module, variables, clean: Dataset, key, *, learning_rate: float = 0.2,
@@ -84,6 +101,23 @@ def prune_by_mask(module, variables, masks: dict[str, np.ndarray], threshold: fl
     return {**variables, "params": params}, pruned
 
 
+def choose_threshold(module, variables, masks: dict[str, np.ndarray], clean: Dataset, thresholds,
+                     max_acc_drop: float) -> tuple[float, dict]:
+    """The largest of ``thresholds`` whose pruned model's accuracy on ``clean`` stays within
+    ``max_acc_drop`` of the unpruned model's; ``(threshold, {threshold: clean ACC})``, where
+    threshold 0 (nothing pruned) is the fallback."""
+    def accuracy(v) -> float:
+        return float(np.mean(predict(module, v, clean.images) == clean.labels))
+
+    base = accuracy(variables)
+    curve = {0.0: base}
+    for threshold in sorted(thresholds, reverse=True):
+        curve[threshold] = accuracy(prune_by_mask(module, variables, masks, threshold)[0])
+        if curve[threshold] >= base - max_acc_drop - 1e-6:
+            return threshold, curve
+    return 0.0, curve
+
+
 @register("rnp", RnpConfig, kind="pruning",
           paper="Li et al., ICML 2023",
           summary="RNP: unlearn, learn neuron masks on the unlearned model, prune")
@@ -91,7 +125,8 @@ def rnp(module, variables, clean: Dataset, key, config: RnpConfig = RnpConfig())
     """Unlearn -> recover neuron masks -> prune low-mask neurons in the original model.
 
     ``info``: "unlearning" (steps, final clean accuracy, reached), "masks" ({unit: f32[C]}),
-    "pruned" ({unit: channels}), "pruned_count".
+    "pruned" ({unit: channels}), "pruned_count", "threshold" (and, when it was chosen on the
+    clean set, "clean_accuracy_by_threshold": the thresholds tried, largest first).
     """
     surgery.require_batch_norm(variables, "RNP")
     check_clean_set(clean, "RNP")
@@ -103,8 +138,12 @@ def rnp(module, variables, clean: Dataset, key, config: RnpConfig = RnpConfig())
         batch_size=config.batch_size)
     masks = learn_neuron_masks(module, unlearned, clean, mask_key, learning_rate=config.mask_lr,
                                epochs=config.mask_epochs, alpha=config.alpha, batch_size=config.batch_size)
-    repaired, pruned = prune_by_mask(module, variables, masks, config.threshold)
-    return DefenseResult(repaired, info={
-        "unlearning": {k: v for k, v in unlearn_info.items() if k != "accuracy_curve"},
-        "masks": masks, "pruned": pruned, "pruned_count": sum(map(len, pruned.values())),
-    })
+    threshold, curve = config.threshold, None
+    if threshold is None:
+        threshold, curve = choose_threshold(module, variables, masks, clean, config.thresholds, config.max_acc_drop)
+    repaired, pruned = prune_by_mask(module, variables, masks, threshold)
+    info = {"unlearning": {k: v for k, v in unlearn_info.items() if k != "accuracy_curve"},
+            "masks": masks, "pruned": pruned, "pruned_count": sum(map(len, pruned.values())), "threshold": threshold}
+    if curve is not None:
+        info["clean_accuracy_by_threshold"] = curve
+    return DefenseResult(repaired, info=info)
