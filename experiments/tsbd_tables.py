@@ -58,7 +58,10 @@ METHODS = {"tsbd": ("tsbd", {}), "tsbd-exact": ("tsbd", {"penalty": "exact"}), "
            # validation part picks (does Blended's backdoor come back because n is too small?).
            "tsbd-plain-ft": ("tsbd", {"penalty": "none"}),
            "tsbd-n20": ("tsbd", {"reinit_fraction": 0.2}),
-           "tsbd-n40": ("tsbd", {"reinit_fraction": 0.4})}
+           "tsbd-n40": ("tsbd", {"reinit_fraction": 0.4}),
+           # bdjax's RNP variant (not the paper's): the pruning threshold chosen on the defender's
+           # clean set (RnpConfig threshold=None) instead of 0.7.
+           "rnp-clean": ("rnp", {"threshold": None})}
 # TSBD slides, Table 1 (CIFAR-10 PreAct-ResNet-18, 5% clean data): ACC / ASR / DER in %.
 PAPER = {
     ("badnets", "none"): (91.32, 95.03, None), ("blended", "none"): (93.47, 99.92, None),
