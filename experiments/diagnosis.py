@@ -122,8 +122,20 @@ def rnp() -> str:
                      + ", ".join(f"{s['threshold']} prunes {s['pruned']} → ACC {100 * s['acc']:.1f} / ASR "
                                  f"{100 * s['asr']:.1f}" for s in c["sweep"])
                      + f" (widest ACC − ASR gap at {best['threshold']})")
-    return text + ("Masks pruned at several thresholds (`experiments/rnp_diagnosis.py`; a sweep over TEST data for "
-                   "diagnosis, no threshold here is RNP's result): " + "; ".join(found) + ".")
+    text += ("Masks pruned at several thresholds (`experiments/rnp_diagnosis.py`; a sweep over TEST data for "
+             "diagnosis, no threshold here is RNP's result): " + "; ".join(found) + ". ")
+    reached = {round(c["unlearning"]["accuracy"], 4) for c in sweeps}
+    if len({c["unlearn_target"] for c in sweeps}) > 1 and len(reached) == 1:
+        text += (f"Every unlearning target stops at the same clean ACC ({100 * reached.pop():.1f}%, the first check "
+                 "already below the lowest target), so the target is not the cause. ")
+    working = [c for c in sweeps for t in c["sweep"] if t["threshold"] < RnpConfig.threshold
+               and t["asr"] < 0.1 and t["acc"] > c["before"]["acc"] - 0.1]
+    if working:
+        text += (f"Below {RnpConfig.threshold} the masks do separate the backdoor from the clean neurons, so what "
+                 "fails here is the paper's threshold on this model, not the mask learning. bdjax's "
+                 "`RnpConfig(threshold=None)` picks the threshold on the defender's clean set instead (the "
+                 "`rnp-clean` rows of `tsbd_tables.py --methods rnp-clean`).")
+    return text
 
 
 def cetf() -> str:
