@@ -134,7 +134,13 @@ def rnp() -> str:
         text += (f"Below {RnpConfig.threshold} the masks do separate the backdoor from the clean neurons, so what "
                  "fails here is the paper's threshold on this model, not the mask learning. bdjax's "
                  "`RnpConfig(threshold=None)` picks the threshold on the defender's clean set instead (the "
-                 "`rnp-clean` rows of `tsbd_tables.py --methods rnp-clean`).")
+                 "`rnp-clean` rows of `tsbd_tables.py --methods rnp-clean --record tsbd_rnp_clean`).")
+    variant = [c for c in _cells("tsbd_rnp_clean") if c["method"] == "rnp-clean"]
+    for run in sorted({c["run"] for c in variant}):
+        cells = [c for c in variant if c["run"] == run]
+        text += (f" Measured, {run} (seeds {', '.join(str(c['seed']) for c in cells)}): ACC "
+                 f"{_pct([c['acc'] for c in cells])} / ASR {_pct([c['asr'] for c in cells])} at thresholds "
+                 f"{', '.join(str(c['info'].get('threshold')) for c in cells)}.")
     return text
 
 
