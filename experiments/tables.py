@@ -12,6 +12,7 @@ told ``--eval-limit``).
 from __future__ import annotations
 
 import datetime
+import fcntl
 import json
 import math
 import subprocess
@@ -77,11 +78,20 @@ class CellRecord:
         return None
 
     def add(self, cell: dict):
-        """Keep a finished cell (stamped with the commit and time that measured it) and save."""
+        """Keep a finished cell (stamped with the commit and time that measured it) and save.
+
+        Two scripts may fill one record at once: under a lock, the cells another writer saved
+        since this one read the file are merged in, so neither loses the other's cells."""
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        self.cells.append({**cell, "commit": self.commit, "measured": now})
-        payload = {"settings": self.settings, "updated": now, "cells": self.cells}
-        checkpoint.atomic_write(self.path, (json.dumps(payload, indent=1, default=_jsonable) + "\n").encode())
+        self.cells.append(json.loads(json.dumps({**cell, "commit": self.commit, "measured": now}, default=_jsonable)))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.path.is_file():
+                stored = json.loads(self.path.read_text())["cells"]
+                self.cells = stored + [c for c in self.cells if c not in stored]
+            payload = {"settings": self.settings, "updated": now, "cells": self.cells}
+            checkpoint.atomic_write(self.path, (json.dumps(payload, indent=1) + "\n").encode())
 
 
 def _jsonable(value):

@@ -1,7 +1,10 @@
-"""experiments/results_book.py's verdict follows SPEC.md's reproduction rule as written."""
+"""experiments/results_book.py's verdict follows SPEC.md's reproduction rule as written; its
+diagnosis reads the records; the records (experiments/tables.py) survive two writers."""
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
@@ -54,3 +57,17 @@ def test_tsbd_paper_rows_agree_with_their_own_der(monkeypatch):
         acc0, asr0, _ = tsbd_tables.PAPER[attack, "none"]
         expected = (max(0.0, asr0 - asr) - max(0.0, acc0 - acc) + 100) / 2
         assert abs(expected - der) < 0.05, (attack, method, expected, der)  # the slides round
+
+
+def test_two_writers_of_one_cell_record_keep_each_others_cells(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))
+    import tables
+
+    path = tmp_path / "record.json"
+    first, second = tables.CellRecord(path, {"a": 1}), tables.CellRecord(path, {"a": 1})  # both read an empty record
+    first.add({"run": "x", "seed": 0, "acc": 0.5})
+    second.add({"run": "x", "seed": 1, "acc": np.float32(0.25)})
+    first.add({"run": "x", "seed": 2, "acc": 0.75})
+    stored = json.loads(path.read_text())["cells"]
+    assert [(c["seed"], c["acc"]) for c in stored] == [(0, 0.5), (1, 0.25), (2, 0.75)]
+    assert tables.CellRecord(path, {"a": 1}).find(seed=1)["acc"] == 0.25
