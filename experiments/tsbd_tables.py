@@ -4,6 +4,7 @@
     python experiments/tsbd_tables.py --only resnet20-cifar10-badnets --clean-per-class 50 10   # 5% / 1%
     python experiments/tsbd_tables.py --zoo v1 --only medium-bn-gtsrb-badnets --clean-per-class 15 3
     python experiments/tsbd_tables.py --nwc resnet20-gtsrb-badnets --methods   # only the NWC observation
+    python experiments/tsbd_tables.py --methods                                 # only the Markdown, from the record
 
 Writes ``results/tsbd_tables.json`` (one cell per model, clean-set size, method and seed; a killed
 run continues from it) and ``results/tsbd_tables.md`` (mean ± std over the seeds) from it;
@@ -210,7 +211,8 @@ def main(argv=None):
     if args.nwc:
         line = nwc_observation(tables.zoo_run(args.zoo, args.nwc), args.clean_per_class[0], args)
         print(line, flush=True)
-    if record.cells:
+    if record.cells:  # `--methods` alone (no method): only the Markdown, again from the record
+        (tables.RESULTS / f"{args.record}.md").write_text(markdown(record, command))
         print(f"wrote {tables.RESULTS / args.record}.{{json,md}}")
 
 
