@@ -131,9 +131,11 @@ def rnp() -> str:
     working = [c for c in sweeps for t in c["sweep"] if t["threshold"] < RnpConfig.threshold
                and t["asr"] < 0.1 and t["acc"] > c["before"]["acc"] - 0.1]
     if working:
-        text += (f"Below {RnpConfig.threshold} the masks do separate the backdoor from the clean neurons, so what "
-                 "fails here is the paper's threshold on this model, not the mask learning. bdjax's "
-                 "`RnpConfig(threshold=None)` picks the threshold on the defender's clean set instead (the "
+        swept = ", ".join(sorted({f"{c['run']} seed {c['seed']}" for c in working}))
+        text += (f"On the swept draw ({swept}) the masks do separate the backdoor from the clean neurons below "
+                 f"{RnpConfig.threshold}, so there the paper's threshold fails, not the mask learning. Whether a "
+                 "defender can find such a threshold without test data: bdjax's `RnpConfig(threshold=None)` picks "
+                 "it on the defender's clean set (the "
                  "`rnp-clean` rows of `tsbd_tables.py --methods rnp-clean --record tsbd_rnp_clean`).")
     variant = [c for c in _cells("tsbd_rnp_clean") if c["method"] == "rnp-clean"]
     for run in sorted({c["run"] for c in variant}):
