@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+import tables  # experiments/tables.py (this folder is on sys.path for its scripts)
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 ZOO_V2 = HERE / "zoo-v2"
@@ -124,10 +126,12 @@ def rnp() -> str:
                      + f" (widest ACC − ASR gap at {best['threshold']})")
     text += ("Masks pruned at several thresholds (`experiments/rnp_diagnosis.py`; a sweep over TEST data for "
              "diagnosis, no threshold here is RNP's result): " + "; ".join(found) + ". ")
-    reached = {round(c["unlearning"]["accuracy"], 4) for c in sweeps}
-    if len({c["unlearn_target"] for c in sweeps}) > 1 and len(reached) == 1:
-        text += (f"Every unlearning target stops at the same clean ACC ({100 * reached.pop():.1f}%, the first check "
-                 "already below the lowest target), so the target is not the cause. ")
+    for (run, seed), group in tables.group(sweeps, ("run", "seed")).items():
+        reached = {round(c["unlearning"]["accuracy"], 4) for c in group}
+        if len({c["unlearn_target"] for c in group}) > 1 and len(reached) == 1:
+            text += (f"On {run} seed {seed} every unlearning target stops at the same clean ACC "
+                     f"({100 * reached.pop():.1f}%, the first check already below the lowest target), so the "
+                     "target is not the cause. ")
     working = [c for c in sweeps for t in c["sweep"] if t["threshold"] < RnpConfig.threshold
                and t["asr"] < 0.1 and t["acc"] > c["before"]["acc"] - 0.1]
     if working:
