@@ -13,7 +13,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-
 import tables  # experiments/tables.py (this folder is on sys.path for its scripts)
 
 HERE = Path(__file__).resolve().parent
