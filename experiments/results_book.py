@@ -147,7 +147,7 @@ DER = [max(0, ΔASR) − max(0, ΔACC) + 1] / 2 with Δ = before − after (0.5:
 """
 
 # Experiment files in reading order; any other results/*.md follows alphabetically.
-ORDER = ["cetf_tables.md", "suspicion_table.md", "suspicion_cifar10.md", "suspicion_clp_gtsrb.md", "tac_tables.md",
+ORDER = ["cetf_tables.md", "suspicion_table.md", "suspicion_table_zoo_v1.md", "suspicion_cifar10.md", "suspicion_clp_gtsrb.md", "tac_tables.md",
          "bna_tables.md", "tsbd_tables.md", "sweep_benchmark.md", "defense_benchmark.md", "defense_benchmark_zoo_v1.md"]
 
 
