@@ -325,13 +325,20 @@ def _fingerprint(module, dataset: Dataset, config: TrainConfig, keys, start: Tra
     given weights), not ``repr(module)``, so that an attribute added to a model class in a
     later version of the library does not orphan the checkpoints of running trainings.
     """
+    return state_digest((type(module).__name__, _config_text(config), dataset.info.name,
+                         np.asarray(jax.random.key_data(keys)).tobytes(),
+                         np.ascontiguousarray(dataset.images).tobytes(), np.asarray(dataset.labels).tobytes(),
+                         b"" if learning_rates is None else np.asarray(learning_rates, np.float32).tobytes()),
+                        (start.params, start.batch_stats))
+
+
+def state_digest(parts, start) -> str:
+    """SHA-256 hex of ``parts`` (str or bytes) and of every leaf of the tree ``start`` (its path,
+    shape, dtype and bytes): a training checkpoint's fingerprint (also the input-aware attack's)."""
     digest = hashlib.sha256()
-    for part in (type(module).__name__, _config_text(config), dataset.info.name,
-                 np.asarray(jax.random.key_data(keys)).tobytes(),
-                 np.ascontiguousarray(dataset.images).tobytes(), np.asarray(dataset.labels).tobytes(),
-                 b"" if learning_rates is None else np.asarray(learning_rates, np.float32).tobytes()):
+    for part in parts:
         digest.update(part.encode() if isinstance(part, str) else part)
-    for path, leaf in jax.tree_util.tree_leaves_with_path((start.params, start.batch_stats)):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(start):
         leaf = np.asarray(leaf)
         digest.update(f"{jax.tree_util.keystr(path)}{leaf.shape}{leaf.dtype}".encode())
         digest.update(leaf.tobytes())

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import time
 from typing import Any
 
@@ -318,15 +317,10 @@ def _fingerprint(module, dataset: Dataset, target: TargetMap, key, config: Input
                  train_config: training.TrainConfig, start) -> str:
     """What identifies one input-aware training: settings, data, target, key, architecture and
     starting weights (as ``training._fingerprint`` for ordinary training)."""
-    digest = hashlib.sha256()
-    for part in (type(module).__name__, repr(config), training._config_text(train_config), repr(target),
-                 dataset.info.name, np.asarray(jax.random.key_data(key)).tobytes(),
-                 np.ascontiguousarray(dataset.images).tobytes(), np.asarray(dataset.labels).tobytes()):
-        digest.update(part.encode() if isinstance(part, str) else part)
-    for path, leaf in jax.tree_util.tree_leaves_with_path(start):
-        leaf = np.asarray(leaf)
-        digest.update(f"{jax.tree_util.keystr(path)}{leaf.shape}{leaf.dtype}".encode() + leaf.tobytes())
-    return digest.hexdigest()
+    return training.state_digest((type(module).__name__, repr(config), training._config_text(train_config),
+                                  repr(target), dataset.info.name, np.asarray(jax.random.key_data(key)).tobytes(),
+                                  np.ascontiguousarray(dataset.images).tobytes(),
+                                  np.asarray(dataset.labels).tobytes()), start)
 
 
 def train_input_aware(module, dataset: Dataset, target: TargetMap, key,
