@@ -30,13 +30,6 @@ def _pick(cells, run, method, k=15):
                   key=lambda c: c["seed"])
 
 
-def _pct(values) -> str:
-    values = [100 * v for v in values]
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{np.mean(values):.1f} ± {np.std(values, ddof=1):.1f} (n = {len(values)})"
-
-
 def _steps(clean_size: int, epochs: int) -> int:
     from bdjax.defenses.finetune import FinetuneConfig
 
@@ -53,10 +46,10 @@ def fine_tuning() -> str:
     from bdjax.defenses.finetune import FinetuneConfig
 
     size = ft[0]["defense_size"]
-    return (f"**FT on GTSRB BadNets (ASR {_pct([c['asr'] for c in ft])}; the slides' CIFAR-10 row: 1.5).** "
+    return (f"**FT on GTSRB BadNets (ASR {tables.mean_std(digits=1, values=[c['asr'] for c in ft])}; the slides' CIFAR-10 row: 1.5).** "
             f"FT's {FinetuneConfig.epochs} epochs on {size} clean images are about {_steps(size, FinetuneConfig.epochs)} "
             f"SGD steps; BackdoorBench's 20 epochs on CIFAR-10's 5% (2,500 images) are about 780. With 80 epochs "
-            f"({_steps(size, 80)} steps) ASR is {_pct([c['asr'] for c in longer])}: the step count explains part "
+            f"({_steps(size, 80)} steps) ASR is {tables.mean_std(digits=1, values=[c['asr'] for c in longer])}: the step count explains part "
             "of the gap, not most of it. TSBD removes the backdoor with the same clean sets, so the clean "
             "data is enough for some method. Not yet separated (the slides' FT row is CIFAR-10 "
             "PreAct-ResNet-18 only): FT on zoo v2's CIFAR-10 ResNet-20, which tells dataset from method.")
@@ -103,7 +96,7 @@ def rnp() -> str:
     neurons = sum(int(surgery.get_path(run.variables["params"], u.bn)["scale"].shape[-1])
                   for u in surgery.bn_units(run.module))
     counts = [c["info"]["pruned_count"] for c in cells]
-    text = (f"**RNP (ACC {_pct([c['acc'] for c in cells])} after, over {', '.join(sorted({c['run'] for c in cells}))} "
+    text = (f"**RNP (ACC {tables.mean_std(digits=1, values=[c['acc'] for c in cells])} after, over {', '.join(sorted({c['run'] for c in cells}))} "
             "and their seeds; the slides' rows cost 1.5-4.7 ACC points).** At "
             f"its paper threshold {RnpConfig.threshold} it prunes {min(counts)}-{max(counts)} of the "
             f"{neurons} BN neurons of ResNet-20 ({100 * min(counts) / neurons:.0f}-{100 * max(counts) / neurons:.0f}%): "
@@ -146,7 +139,7 @@ def rnp() -> str:
     for run in sorted({c["run"] for c in variant}):
         cells = [c for c in variant if c["run"] == run]
         text += (f" Measured, {run} (seeds {', '.join(str(c['seed']) for c in cells)}): ACC "
-                 f"{_pct([c['acc'] for c in cells])} / ASR {_pct([c['asr'] for c in cells])} at thresholds "
+                 f"{tables.mean_std(digits=1, values=[c['acc'] for c in cells])} / ASR {tables.mean_std(digits=1, values=[c['asr'] for c in cells])} at thresholds "
                  f"{', '.join(str(c['info'].get('threshold')) for c in cells)}.")
     return text
 
