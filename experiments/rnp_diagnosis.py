@@ -33,29 +33,32 @@ THRESHOLDS = (0.7, 0.5, 0.3, 0.2, 0.1)
 QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9)
 
 
-def diagnose(run, name: str, k: int, seed: int, target: float, record: tables.CellRecord, data_dir=None):
-    if record.find(run=name, k=k, seed=seed, unlearn_target=target):
+def diagnose(run, name: str, k: int, seed: int, targets, record: tables.CellRecord, data_dir=None):
+    """Every missing unlearning target of (``name``, ``k``, ``seed``), on one defense split."""
+    todo = [t for t in targets if not record.find(run=name, k=k, seed=seed, unlearn_target=t)]
+    if not todo:
         return
     clean, sets = split_for_defense(run, k, seed, data_dir)
-    config = rnp.RnpConfig(unlearn_max_accuracy=target)
-    started = time.perf_counter()
-    result = rnp.rnp(run.module, run.variables, clean, jax.random.key(seed), config)
-    seconds = time.perf_counter() - started
-    masks = result.info["masks"]
-    values = np.concatenate([np.ravel(m) for m in masks.values()])
     before = evaluate_model(run.module, run.variables, sets)
-    sweep = []
-    for threshold in THRESHOLDS:
-        pruned_variables, pruned = rnp.prune_by_mask(run.module, run.variables, masks, threshold)
-        after = evaluate_model(run.module, pruned_variables, sets)
-        sweep.append({"threshold": threshold, "pruned": sum(map(len, pruned.values())),
-                      "acc": after.acc, "asr": after.asr})
-        print(f"{name} seed {seed} target {target}: threshold {threshold} prunes {sweep[-1]['pruned']} of "
-              f"{values.size}: ACC {after.acc:.3f} ASR {after.asr:.3f}", flush=True)
-    record.add(dict(run=name, k=k, seed=seed, unlearn_target=target, defense_size=len(clean),
-                    eval_size=len(sets.clean), neurons=int(values.size), unlearning=result.info["unlearning"],
-                    mask_quantiles=dict(zip(map(str, QUANTILES), np.quantile(values, QUANTILES).tolist())),
-                    before={"acc": before.acc, "asr": before.asr}, sweep=sweep, seconds=seconds))
+    for target in todo:
+        started = time.perf_counter()
+        config = rnp.RnpConfig(unlearn_max_accuracy=target)
+        result = rnp.rnp(run.module, run.variables, clean, jax.random.key(seed), config)
+        seconds = time.perf_counter() - started
+        masks = result.info["masks"]
+        values = np.concatenate([np.ravel(m) for m in masks.values()])
+        sweep = []
+        for threshold in THRESHOLDS:
+            pruned_variables, pruned = rnp.prune_by_mask(run.module, run.variables, masks, threshold)
+            after = evaluate_model(run.module, pruned_variables, sets)
+            sweep.append({"threshold": threshold, "pruned": sum(map(len, pruned.values())),
+                          "acc": after.acc, "asr": after.asr})
+            print(f"{name} seed {seed} target {target}: threshold {threshold} prunes {sweep[-1]['pruned']} of "
+                  f"{values.size}: ACC {after.acc:.3f} ASR {after.asr:.3f}", flush=True)
+        record.add(dict(run=name, k=k, seed=seed, unlearn_target=target, defense_size=len(clean),
+                        eval_size=len(sets.clean), neurons=int(values.size), unlearning=result.info["unlearning"],
+                        mask_quantiles=dict(zip(map(str, QUANTILES), np.quantile(values, QUANTILES).tolist())),
+                        before={"acc": before.acc, "asr": before.asr}, sweep=sweep, seconds=seconds))
 
 
 def main(argv=None) -> int:
@@ -72,8 +75,7 @@ def main(argv=None) -> int:
     for name in args.runs:
         run = tables.zoo_run("v2", name)
         for seed in args.seeds:
-            for target in args.unlearn_targets:
-                diagnose(run, name, args.k, seed, target, record, args.data_dir)
+            diagnose(run, name, args.k, seed, args.unlearn_targets, record, args.data_dir)
     print(f"wrote {record.path}")
     return 0
 
