@@ -37,9 +37,10 @@ import diagnosis  # noqa: E402  (experiments/diagnosis.py)
 BACKDOORBENCH_CIFAR10 = {"BadNets": (91.32, 95.03), "Blended": (93.47, 99.92), "SIG": (84.48, 98.27),
                          "WaNet": (91.25, 89.73)}
 
-# Table scripts whose JSON cell records (experiments/tables.py) feed the generated summary; each
-# module has ``paper_reference(cell)`` giving the paper's row for a measured cell.
-SUMMARY_SOURCES = ("tsbd_tables", "suspicion_table")
+# JSON cell records (experiments/tables.py) that feed the generated summary, with the table
+# script that wrote each; the script's ``paper_reference(cell)`` gives the paper's row for a cell.
+SUMMARY_SOURCES = {"tsbd_tables": "tsbd_tables", "suspicion_table": "suspicion_table",
+                   "tac_tables_v2": "tac_tables"}
 
 VERDICT_RULE = (
     "Verdict (SPEC.md's reproduction rule), from the mean over seeds of the defended ASR and of the "
@@ -68,6 +69,14 @@ def verdict(asr: float, cost: float, paper_asr: float, paper_cost: float) -> str
     return found + (" (stronger)" if cost_gap <= 0.10 + 1e-9 else " (backdoor gone with the model)")
 
 
+def cell_model(cell: dict) -> str:
+    """The cell's architecture (cells measured before 2026-12-03 lack it: their zoo v2 model's)."""
+    if "model" in cell:
+        return cell["model"]
+    import json
+    return json.loads((ZOO_DIRS["v2"] / cell["run"] / "record.json").read_text())["model"]
+
+
 def measured_summary() -> str:
     """The generated summary: every (model, clean set, method) of the summary sources' records
     that the paper has a row for, paper vs ours, with VERDICT_RULE's verdict."""
@@ -76,11 +85,11 @@ def measured_summary() -> str:
 
     import tables
     rows = []
-    for source in SUMMARY_SOURCES:
+    for source, script in SUMMARY_SOURCES.items():
         path = RESULTS / f"{source}.json"
         if not path.is_file():
             continue
-        module = importlib.import_module(source)
+        module = importlib.import_module(script)
         cells = json.loads(path.read_text())["cells"]
         before = {(c["run"], c["k"], c["seed"]): c for c in cells if c["method"] == "none"}
         for (run, k, method), group in tables.group(cells, ("run", "k", "method")).items():
@@ -92,7 +101,7 @@ def measured_summary() -> str:
             asr = [c["asr"] for c, _ in paired]
             cost = [b["acc"] - c["acc"] for c, b in paired]
             paper_cost = paper["acc_before"] - paper["acc"]
-            same = paper["dataset"] == group[0]["dataset"]
+            same = (paper["dataset"], paper["model"]) == (group[0]["dataset"], cell_model(group[0]))
             rows.append(f"| {method} | {group[0]['attack']} | {run} ({group[0]['dataset']}), k = {k} | {undefended} | "
                         f"{100 * paper['asr']:.1f} / {100 * paper_cost:.1f} | {tables.mean_std(asr, digits=1, count=False)} / {tables.mean_std(cost, digits=1, count=False)} "
                         f"| {len(paired)} | {'yes' if len(paired) >= MIN_SEEDS else 'no: < 3 seeds'} "
@@ -147,7 +156,7 @@ DER = [max(0, ΔASR) − max(0, ΔACC) + 1] / 2 with Δ = before − after (0.5:
 """
 
 # Experiment files in reading order; any other results/*.md follows alphabetically.
-ORDER = ["cetf_tables.md", "suspicion_table.md", "suspicion_table_zoo_v1.md", "suspicion_cifar10.md", "suspicion_clp_gtsrb.md", "tac_tables.md",
+ORDER = ["cetf_tables.md", "suspicion_table.md", "suspicion_table_zoo_v1.md", "suspicion_cifar10.md", "suspicion_clp_gtsrb.md", "tac_tables_v2.md", "tac_tables.md",
          "bna_tables.md", "tsbd_tables.md", "sweep_benchmark.md", "defense_benchmark.md", "defense_benchmark_zoo_v1.md"]
 
 

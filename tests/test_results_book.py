@@ -71,3 +71,24 @@ def test_two_writers_of_one_cell_record_keep_each_others_cells(monkeypatch, tmp_
     stored = json.loads(path.read_text())["cells"]
     assert [(c["seed"], c["acc"]) for c in stored] == [(0, 0.5), (1, 0.25), (2, 0.75)]
     assert tables.CellRecord(path, {"a": 1}).find(seed=1)["acc"] == 0.25
+
+
+def test_the_summary_reads_tac_v2_cells_against_the_thesis_and_names_a_different_architecture(book, monkeypatch,
+                                                                                                 tmp_path):
+    """Table 5.4's TAC row for small-bn BadNets: ACC 0.90 → 0.47, ASR 1.00 → 0.32 (drops 0.43 / 0.68);
+    ResNet-20 is compared with the thesis's ResNet-18 and the setting column says so."""
+    import tac_tables
+    cell = dict(run="small-bn-gtsrb-badnets", model="small-bn", attack="badnets", dataset="gtsrb", k=1, seed=0)
+    ref = tac_tables.paper_reference({**cell, "method": "tac"})
+    assert ref["acc_before"] == 0.90 and abs(ref["acc"] - 0.47) < 1e-9 and abs(ref["asr"] - 0.32) < 1e-9
+    assert tac_tables.paper_reference({**cell, "method": "tac_oracle"}) is None
+    resnet = dict(cell, run="resnet20-gtsrb-badnets", model="resnet20")
+    cells = [dict(c, seed=s, method=m, acc=a, asr=r) for s in (0, 1, 2) for c in (cell, resnet)
+             for m, a, r in (("none", 0.93, 1.0), ("tac", 0.92, 0.01))]
+    (tmp_path / "tac_tables_v2.json").write_text(json.dumps({"settings": {}, "cells": cells}))
+    monkeypatch.setattr(book, "RESULTS", tmp_path)
+    rows = [line for line in book.measured_summary().splitlines() if line.startswith("| tac |")]
+    assert len(rows) == 2
+    small, big = (next(r for r in rows if name in r) for name in ("small-bn-gtsrb", "resnet20-gtsrb"))
+    assert "| same |" in small and "| reproduced (stronger) |" in small and "| 3 | yes |" in small
+    assert "paper: gtsrb resnet18" in big
