@@ -279,11 +279,13 @@ def v2_markdown(record: tables.CellRecord, command: str) -> str:
         wins = sum(metrics.successful_defense(b["acc"], b["asr"], c["acc"], c["asr"]) for c, b in paired)
         thesis = THESIS[(cells[0]["model"], cells[0]["attack"])]
         pruned = sorted({c["info"].get("pruned_count") for c in cells if c.get("info")} - {None})
+        funnel = ", ".join(f"{c['info']['candidate_count']}→{c['info']['intermediate_valid_count']}→"
+                           f"{c['info']['valid_count']}" for c in cells if "candidate_count" in c.get("info", {}))
         rows.append(
             f"| {name} | {tables.mean_std([b['acc'] for _, b in paired])} / {tables.mean_std([b['asr'] for _, b in paired], count=False)} "
             f"| {method} | {tables.mean_std([b['acc'] - c['acc'] for c, b in paired], count=False)} "
             f"| {tables.mean_std([b['asr'] - c['asr'] for c, b in paired], count=False)} | {wins}/{len(paired)} "
-            f"| {', '.join(map(str, pruned)) or '–'} | {np.mean([c['seconds'] for c in cells]):.0f} "
+            f"| {', '.join(map(str, pruned)) or '–'} | {funnel or '–'} | {np.mean([c['seconds'] for c in cells]):.0f} "
             f"| {thesis_ref(thesis, method)} |")
     eval_sizes = sorted({c["eval_size"] for c in record.cells})
     return "\n".join([
@@ -300,9 +302,12 @@ def v2_markdown(record: tables.CellRecord, command: str) -> str:
         "**Thesis column: its table 5.4, means over 25 trained models per architecture (5 for ResNet-18,",
         "the nearest to our ResNet-20): reported numbers, not measured here.**",
         "",
-        "| model | ACC / ASR before % | method | ACC ↓ | ASR ↓ | success (seeds) | pruned | seconds "
+        "TAC's funnel, per seed: low-variance candidates (z < u_candidate) → valid intermediate triggers",
+        "→ valid input-space triggers (the channels whose TAC outliers are pruned).",
+        "",
+        "| model | ACC / ASR before % | method | ACC ↓ | ASR ↓ | success (seeds) | pruned | TAC funnel | seconds "
         "| thesis: arch, ACC/ASR before, ACC ↓, ASR ↓, success |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
     ])

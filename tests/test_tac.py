@@ -169,6 +169,9 @@ def test_full_pipeline_runs_prunes_and_reports_triggers(tiny_model, clean_set):
         kernel = surgery.get_path(result.variables["params"], by_name[name].conv)["kernel"]
         assert np.all(kernel[..., channels] == 0)
     assert info["pruned_count"] == sum(map(len, info["pruned"].values()))
+    assert info["candidate_count"] == len(info["candidates"])
+    assert info["intermediate_valid_count"] == sum(t["intermediate_valid"] for t in info["triggers"])
+    assert info["valid_count"] == sum(t["valid"] for t in info["triggers"]) <= info["intermediate_valid_count"]
     assert set(info["seconds"]) == {"candidates", "intermediate", "original", "tac"}
 
 

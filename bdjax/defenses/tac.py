@@ -245,6 +245,10 @@ def tac_defense(module, variables, clean: Dataset, key, config: TacConfig = TacC
     new_variables, pruned = prune_conv_channels(module, variables, final)
     return DefenseResult(new_variables, info={
         "candidates": [(u.name, c, z) for u, c, z in candidates],
+        # The pipeline's funnel as plain counts (what result tables keep of ``info``).
+        "candidate_count": len(candidates),
+        "intermediate_valid_count": sum(t["intermediate_valid"] for t in triggers),
+        "valid_count": sum(t["valid"] for t in triggers),
         "triggers": triggers,
         "tac": tacs,
         "detected": any(t["valid"] for t in triggers),
