@@ -1,7 +1,7 @@
 """TAC pruning (full pipeline and true-trigger oracle) and CLP on the zoo's GTSRB models,
 in the style of the thesis's table 5.4, with reconstruction MSE (table 5.6) and times (5.5).
 
-    python experiments/tac_tables.py                        # zoo v2: TAC and CLP, seeds 0-2 -> results/tac_tables_v2.*
+    python experiments/tac_tables.py                        # zoo v2: TAC, CLP, TAC with the true trigger; seeds 0-2
     python experiments/tac_tables.py --zoo v1               # the zoo v1 tables below
     python experiments/tac_tables.py --zoo v1 --only small-bn-gtsrb-badnets --original-epochs 1000
     python experiments/tac_tables.py --zoo v1 --only small-bn-gtsrb-badnets --seeds 5   # table 5.4's means
@@ -278,6 +278,7 @@ def v2_markdown(record: tables.CellRecord, command: str) -> str:
         paired = [(c, before[c["run"], c["seed"]]) for c in cells if (c["run"], c["seed"]) in before]
         wins = sum(metrics.successful_defense(b["acc"], b["asr"], c["acc"], c["asr"]) for c, b in paired)
         thesis = THESIS[(cells[0]["model"], cells[0]["attack"])]
+        ref = thesis_ref(thesis, method) if method != "tac-oracle" else "(the attack's own trigger: no table 5.4 row)"
         pruned = sorted({c["info"].get("pruned_count") for c in cells if c.get("info")} - {None})
         funnel = ", ".join(f"{c['info']['candidate_count']}→{c['info']['intermediate_valid_count']}→"
                            f"{c['info']['valid_count']}" for c in cells if "candidate_count" in c.get("info", {}))
@@ -286,7 +287,7 @@ def v2_markdown(record: tables.CellRecord, command: str) -> str:
             f"| {method} | {tables.mean_std([b['acc'] - c['acc'] for c, b in paired], count=False)} "
             f"| {tables.mean_std([b['asr'] - c['asr'] for c, b in paired], count=False)} | {wins}/{len(paired)} "
             f"| {', '.join(map(str, pruned)) or '–'} | {funnel or '–'} | {np.mean([c['seconds'] for c in cells]):.0f} "
-            f"| {thesis_ref(thesis, method)} |")
+            f"| {ref} |")
     eval_sizes = sorted({c["eval_size"] for c in record.cells})
     return "\n".join([
         "# TAC thesis table 5.4 on zoo v2 (TAC pruning and CLP)",
@@ -313,6 +314,27 @@ def v2_markdown(record: tables.CellRecord, command: str) -> str:
     ])
 
 
+def measure_oracle(run, name: str, seed: int, record: tables.CellRecord, args):
+    """TAC pruning with the attack's own trigger (thesis app. A.2), beside the full pipeline: it
+    tells the candidate selection and trigger reconstruction (what the pipeline adds) from the
+    TAC pruning itself. Not a defense (it needs the attacker's trigger); no thesis row in table 5.4."""
+    if record.find(run=name, k=1, seed=seed, method="tac-oracle") is not None:
+        return
+    before = record.find(run=name, k=1, seed=seed, method="none")
+    clean, sets = split_for_defense(run, 1, seed, args.data_dir, args.eval_limit)
+    started = time.perf_counter()
+    result = tac.tac_prune_with_trigger(run.module, run.variables, clean, run.attack.apply)
+    seconds = time.perf_counter() - started
+    after = evaluate_model(run.module, result.variables, sets)
+    cell = {**{k: before[k] for k in ("run", "attack", "dataset", "model", "k", "seed", "defense_size", "eval_size",
+                                      "triggered_size")},
+            "method": "tac-oracle", "acc": after.acc, "asr": after.asr,
+            "der": metrics.defense_effectiveness_rating(before["acc"], before["asr"], after.acc, after.asr),
+            "seconds": seconds, "info": {"pruned_count": result.info["pruned_count"]}}
+    record.add(cell)
+    print(tables.line(cell), flush=True)
+
+
 def main_v2(args):
     zoo = tables.ZOO_DIRS["v2"]
     names = [n for n in args.only if (zoo / n / "record.json").exists()]
@@ -334,6 +356,8 @@ def main_v2(args):
         for seed in args.seeds_v2:
             tables.measure(run, name, run.record["spec"]["attack"], 1, seed, methods, record,
                            args.data_dir, args.eval_limit)
+            if "tac-oracle" in args.methods:
+                measure_oracle(run, name, seed, record, args)
             (tables.RESULTS / f"{args.record}.md").write_text(v2_markdown(record, command))
     (tables.RESULTS / f"{args.record}.md").write_text(v2_markdown(record, command))
     print(f"wrote {tables.RESULTS / args.record}.{{json,md}}")
@@ -350,7 +374,7 @@ def main(argv=None):
     parser.add_argument("--target-epochs", type=int, default=tac.TacConfig.target_epochs)
     parser.add_argument("--max-candidates", type=int, default=None)
     parser.add_argument("--methods", nargs="*", default=None,
-                        help="zoo v2: tac clp (default both); zoo v1: any of clp tac_oracle tac abs "
+                        help="zoo v2: tac clp tac-oracle (default all three); zoo v1: any of clp tac_oracle tac abs "
                              "(default clp tac_oracle tac)")
     parser.add_argument("--abs-candidates", type=int, default=abs_candidates.AbsConfig.candidates)
     parser.add_argument("--abs-epochs", type=int, default=abs_candidates.AbsConfig.epochs)
@@ -369,9 +393,9 @@ def main(argv=None):
     parser.add_argument("--record", default=V2_RECORD, help="zoo v2: results/NAME.{json,md}")
     args = parser.parse_args(argv)
     if args.methods is None:
-        args.methods = ["tac", "clp"] if args.zoo == "v2" else ["clp", "tac_oracle", "tac"]
+        args.methods = ["tac", "clp", "tac-oracle"] if args.zoo == "v2" else ["clp", "tac_oracle", "tac"]
     if args.zoo == "v2":
-        unknown = [m for m in args.methods if m not in ("tac", "clp")]
+        unknown = [m for m in args.methods if m not in ("tac", "clp", "tac-oracle")]
         if unknown or args.seeds or args.full:
             raise SystemExit(f"zoo v2 runs TAC and CLP over clean-set draws (--seeds-v2); {unknown or '--seeds/--full'} "
                              f"are zoo v1 options (--zoo v1)")
