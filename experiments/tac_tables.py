@@ -272,7 +272,10 @@ def paper_reference(cell: dict) -> dict | None:
 def v2_markdown(record: tables.CellRecord, command: str) -> str:
     rows = []
     before = {(c["run"], c["seed"]): c for c in record.cells if c["method"] == "none"}
-    for (name, method), cells in tables.group(record.cells, ("run", "method")).items():
+    order = {"tac": 0, "tac-oracle": 1, "clp": 2}
+    groups = tables.group(record.cells, ("run", "method"))
+    for (name, method), cells in sorted(groups.items(), key=lambda item: (
+            RUNS.index(item[0][0]) if item[0][0] in RUNS else len(RUNS), order.get(item[0][1], 3))):
         if method == "none":
             continue
         paired = [(c, before[c["run"], c["seed"]]) for c in cells if (c["run"], c["seed"]) in before]
