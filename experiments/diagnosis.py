@@ -63,11 +63,10 @@ def tsbd_blended() -> str:
         seeds = sorted({c["seed"] for c in stage1} & {c["seed"] for c in final})
         if not seeds:
             continue
-        pairs = ", ".join(f"{100 * s['asr']:.1f} → {100 * f['asr']:.1f}"
-                          for s, f in zip(*(([c for c in group if c["seed"] in seeds]) for group in (stage1, final))))
+        stages = list(zip(*(([c for c in group if c["seed"] in seeds]) for group in (stage1, final))))
+        pairs = ", ".join(f"{100 * s['asr']:.1f} → {100 * f['asr']:.1f}" for s, f in stages)
         fractions = sorted({c["info"].get("fraction") for c in final if c["seed"] in seeds})
-        raised = sum(f["asr"] > s["asr"] for s, f in zip(*(([c for c in group if c["seed"] in seeds])
-                                                           for group in (stage1, final))))
+        raised = sum(f["asr"] > s["asr"] for s, f in stages)
         parts.append(f"{run.split('-')[-1]} (seeds {', '.join(map(str, seeds))}): ASR after stage 1 → after "
                      f"stage 2 {pairs}, n = {', '.join(f'{100 * f:.0f}%' for f in fractions)}; stage 2 "
                      f"raises the ASR on {raised} of {len(seeds)} seeds")

@@ -18,6 +18,7 @@ recipe itself was not chosen by them.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -43,6 +44,12 @@ CHECKS = {
 }
 
 
+@functools.lru_cache(maxsize=2)
+def _train_split(dataset: str, data_dir):
+    from bdjax.data import load
+    return load(dataset, "train", data_dir=data_dir)
+
+
 def fit_accuracy(path: Path, record: dict, data_dir, known: dict) -> float | None:
     """ACC on the clean, un-augmented training split in inference mode: how well the model fits
     its training images (under-fitting vs a generalisation gap). Reused from ``known`` (the
@@ -53,10 +60,9 @@ def fit_accuracy(path: Path, record: dict, data_dir, known: dict) -> float | Non
         return None
     import numpy as np
 
-    from bdjax.data import load
     from bdjax.models.inference import predict
     run = checkpoint.load(path)
-    train = load(record["dataset"], "train", data_dir=data_dir)
+    train = _train_split(record["dataset"], data_dir)  # one load per dataset, not per row
     return float((predict(run.module, run.variables, train.images) == np.asarray(train.labels)).mean())
 
 

@@ -73,8 +73,8 @@ def cell_model(cell: dict) -> str:
     """The cell's architecture (cells measured before 2026-12-03 lack it: their zoo v2 model's)."""
     if "model" in cell:
         return cell["model"]
-    import json
-    return json.loads((ZOO_DIRS["v2"] / cell["run"] / "record.json").read_text())["model"]
+    from bdjax import checkpoint
+    return checkpoint.read_record(ZOO_DIRS["v2"] / cell["run"])["model"]
 
 
 def measured_summary() -> str:

@@ -120,11 +120,13 @@ def group(cells: list[dict], fields: tuple[str, ...]) -> dict[tuple, list[dict]]
     return groups
 
 
-def measure(run, name: str, attack: str, k: int, seed: int, methods: dict[str, tuple[str, dict]],
+def measure(run, name: str, attack: str, k: int, seed: int, methods: dict[str, tuple],
             record: CellRecord, data_dir=None, eval_limit=None, outputs=None):
     """Every missing cell of (``name``, ``k``, ``seed``): the undefended model and each method.
 
-    ``methods``: row label -> (registered defense, config overrides). ``outputs(label, registered,
+    ``methods``: row label -> (registered defense, config overrides); in place of a registered
+    name, a function ``fn(run, clean, key) -> DefenseResult`` measures what is not a defense (e.g.
+    pruning with the attack's own trigger), with empty overrides. ``outputs(label, registered,
     result)`` may turn one defense call into several rows: a list of (label or None for the
     method's own, variables, seconds or None for the call's, info for the record).
     """
@@ -157,9 +159,17 @@ def measure(run, name: str, attack: str, k: int, seed: int, methods: dict[str, t
             print(line(cell), flush=True)
 
 
-def timed_defense(run, method: str, overrides: dict, clean, seed: int):
+def timed_defense(run, method, overrides: dict, clean, seed: int):
     """(DefenseResult, seconds) of registered defense ``method`` with config ``overrides``
-    on ``run``; the seconds include compilation and wait for the result's arrays."""
+    on ``run`` (or of ``method(run, clean, key)`` when it is a function, see :func:`measure`);
+    the seconds include compilation and wait for the result's arrays."""
+    if callable(method):
+        if overrides:
+            raise ValueError(f"config overrides {overrides} need a registered defense, not {method!r}")
+        started = time.perf_counter()
+        result = method(run, clean, jax.random.key(seed))
+        jax.block_until_ready(result.variables)
+        return result, time.perf_counter() - started
     spec = defenses.get(method)
     config = defenses.make_config(spec.config_cls, overrides)
     started = time.perf_counter()

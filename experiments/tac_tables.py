@@ -317,25 +317,12 @@ def v2_markdown(record: tables.CellRecord, command: str) -> str:
     ])
 
 
-def measure_oracle(run, name: str, seed: int, record: tables.CellRecord, args):
+def tac_with_true_trigger(run, clean, key):
     """TAC pruning with the attack's own trigger (thesis app. A.2), beside the full pipeline: it
     tells the candidate selection and trigger reconstruction (what the pipeline adds) from the
     TAC pruning itself. Not a defense (it needs the attacker's trigger); no thesis row in table 5.4."""
-    if record.find(run=name, k=1, seed=seed, method="tac-oracle") is not None:
-        return
-    before = record.find(run=name, k=1, seed=seed, method="none")
-    clean, sets = split_for_defense(run, 1, seed, args.data_dir, args.eval_limit)
-    started = time.perf_counter()
-    result = tac.tac_prune_with_trigger(run.module, run.variables, clean, run.attack.apply)
-    seconds = time.perf_counter() - started
-    after = evaluate_model(run.module, result.variables, sets)
-    cell = {**{k: before[k] for k in ("run", "attack", "dataset", "model", "k", "seed", "defense_size", "eval_size",
-                                      "triggered_size")},
-            "method": "tac-oracle", "acc": after.acc, "asr": after.asr,
-            "der": metrics.defense_effectiveness_rating(before["acc"], before["asr"], after.acc, after.asr),
-            "seconds": seconds, "info": {"pruned_count": result.info["pruned_count"]}}
-    record.add(cell)
-    print(tables.line(cell), flush=True)
+    del key  # deterministic
+    return tac.tac_prune_with_trigger(run.module, run.variables, clean, run.attack.apply)
 
 
 def main_v2(args):
@@ -354,13 +341,11 @@ def main_v2(args):
         run = tables.zoo_run("v2", name)
         # CLP merges each kernel with its BatchNorm; the thesis reports it on its no-BN models
         # without saying how, so no-BN models get TAC alone.
-        methods = {m: (m, tac_overrides if m == "tac" else {}) for m in args.methods
-                   if m == "tac" or (m == "clp" and "batch_stats" in run.variables)}
+        methods = {m: (tac_with_true_trigger if m == "tac-oracle" else m, tac_overrides if m == "tac" else {})
+                   for m in args.methods if m != "clp" or "batch_stats" in run.variables}
         for seed in args.seeds_v2:
             tables.measure(run, name, run.record["spec"]["attack"], 1, seed, methods, record,
                            args.data_dir, args.eval_limit)
-            if "tac-oracle" in args.methods:
-                measure_oracle(run, name, seed, record, args)
             (tables.RESULTS / f"{args.record}.md").write_text(v2_markdown(record, command))
     (tables.RESULTS / f"{args.record}.md").write_text(v2_markdown(record, command))
     print(f"wrote {tables.RESULTS / args.record}.{{json,md}}")
