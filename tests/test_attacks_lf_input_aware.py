@@ -113,13 +113,17 @@ def test_lf_search_refuses_a_set_without_usable_images(tiny_model, random_datase
 @pytest.mark.slow
 def test_input_aware_plants_a_per_input_trigger_that_survives_saving(gtsrb_small, tmp_path):
     """Classifier and generators trained together reach ASR > 0.8 with ACC > 0.55; the trigger
-    differs between inputs; the run saves both generators and a defense-side load applies them."""
+    differs between inputs; the run saves both generators and a defense-side load applies them.
+
+    Measured (2026-12-03): 5 joint epochs ACC 0.605 / ASR 0.862; 8 epochs 0.692 / 0.802 (the
+    ASR is not monotone in the epochs: the classifier learns the clean task and the generator
+    chases it), so the test trains 5, faster and further from its ASR bound."""
     train_set, test_set, target = gtsrb_small
     module = models.create("small-bn", train_set.info)
     config = InputAwareConfig(channels=16, mask_epochs=1, mask_density=0.2, attack_rate=0.3)
     result = train_input_aware(module, train_set, target, jax.random.key(3), config,
-                               dataclasses.replace(TRAIN, epochs=8), progress=False)
-    assert [h["stage"] for h in result.history] == ["mask"] + ["joint"] * 8
+                               dataclasses.replace(TRAIN, epochs=5), progress=False)
+    assert [h["stage"] for h in result.history] == ["mask"] + ["joint"] * 5
     report = evaluate_model(module, result.variables, TestSets.build(test_set, result.attack, target))
     print(f"input-aware: ACC {report.acc:.3f} ASR {report.asr:.3f}")
     assert report.asr > 0.8 and report.acc > 0.55, report

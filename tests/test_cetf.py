@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -166,6 +168,80 @@ def test_repair_set_carries_the_trigger_and_the_true_labels(random_dataset):
         assert random_dataset.labels[int(np.argmax(same))] == label and any(same)
 
 
+def test_region_limit_settings_are_checked():
+    for bad in (dict(max_region=1.5), dict(max_region=-0.1), dict(calibration_size=-1),
+                dict(calibration_size=11, num_filter=10), dict(max_region=0.1, calibration_size=5)):
+        with pytest.raises(ValueError, match="max_region|calibration_size"):
+            cetf.CETFConfig(**bad)
+
+
+def _screening(boxes, poisoned):
+    n = len(boxes)
+    return cetf.Screening(np.array(poisoned), np.zeros(n, np.int32), np.array(boxes, np.int32), np.zeros(n),
+                          np.ones(n), np.zeros((n, 4), np.int32), np.zeros((n, 2)), np.ones(n, np.int32))
+
+
+def test_calibration_sets_the_limit_below_the_smallest_flagged_clean_region(random_dataset, monkeypatch):
+    config = cetf.CETFConfig(num_auxiliary=10, calibration_size=5, num_filter=100)
+    key = jax.random.key(0)
+    aux_key = jax.random.split(key)[0]
+    auxiliary, filter_images = cetf.auxiliary_split(random_dataset, aux_key, config)
+    assert (len(auxiliary), len(filter_images)) == (10, 30)
+    calibration = filter_images[:5]  # screened with the paper's rule; never auxiliary images
+
+    screened = {}
+
+    def fake_screen(module, variables, images, auxiliary, filter_images, key, config):
+        screened.update(images=images, config=config)
+        # Areas 12x10 = 120 (flagged), 3x3 = 9 (not flagged), 10x9 = 90 (flagged), 1x1, 20x20.
+        return _screening([[0, 0, 12, 10], [0, 0, 3, 3], [0, 0, 10, 9], [0, 0, 1, 1], [0, 0, 20, 20]],
+                          [True, False, True, False, False])
+
+    monkeypatch.setattr(cetf, "screen", fake_screen)
+    calibrated, info = cetf.calibrate_max_region(None, None, random_dataset, key, config)
+    np.testing.assert_array_equal(screened["images"], calibration)
+    assert screened["config"].max_region is None and screened["config"].calibration_size == 0  # the paper's rule
+    assert calibrated.max_region == pytest.approx(89 / 1024) and calibrated.calibration_size == 0
+    assert info["calibration_flagged"] == 2 and info["calibration_areas"] == [120, 9, 90, 1, 400]
+
+    monkeypatch.setattr(cetf, "screen", lambda *args: _screening([[0, 0, 5, 5]], [False]))
+    unlimited, info = cetf.calibrate_max_region(None, None, random_dataset, key, config)
+    assert unlimited.max_region is None and info["max_region"] is None  # no clean region flagged: no limit
+    assert cetf.calibrate_max_region(None, None, random_dataset, key, cetf.CETFConfig()) == (cetf.CETFConfig(), {})
+    with pytest.raises(ValueError, match="at least 41"):
+        cetf.calibrate_max_region(None, None, random_dataset, key, cetf.CETFConfig(calibration_size=31))
+
+
+def test_region_limit_only_removes_flags_from_large_regions(tiny_model, images, random_dataset):
+    module, variables = tiny_model("medium-bn")
+    config = cetf.CETFConfig(population_size=4, max_generations=2, patience=1, num_auxiliary=4,
+                             filter_threshold=-1.0)  # paste-and-filter passes every region
+    auxiliary, filter_images = cetf.auxiliary_split(random_dataset, jax.random.key(0), config)
+    uint8 = np.asarray(random_dataset.images[:4])
+    paper = cetf.screen(module, variables, uint8, auxiliary, filter_images, jax.random.key(1), config)
+    areas = paper.box[:, 2] * paper.box[:, 3]
+    limit = float(np.median(areas)) / (32 * 32)
+    limited = cetf.screen(module, variables, uint8, auxiliary, filter_images, jax.random.key(1),
+                          dataclasses.replace(config, max_region=limit))
+    np.testing.assert_array_equal(limited.box, paper.box)  # the search is the paper's
+    np.testing.assert_array_equal(limited.poisoned, paper.poisoned & (areas <= limit * 32 * 32))
+    nothing = cetf.screen(module, variables, uint8, auxiliary, filter_images, jax.random.key(1),
+                          dataclasses.replace(config, max_region=0.0))
+    assert not nothing.poisoned.any()
+
+
+def test_cetf_and_its_repairs_calibrate_before_they_screen(tiny_model, random_dataset):
+    module, variables = tiny_model("medium-bn")
+    search = cetf.CETFConfig(population_size=4, max_generations=2, patience=1, num_auxiliary=4, calibration_size=3)
+    result = cetf.cetf(module, variables, random_dataset, jax.random.key(0), search)
+    calibration = result.info["calibration"]
+    assert calibration["calibration_images"] == 3 and len(calibration["calibration_areas"]) == 3
+    assert result.classifier(np.asarray(random_dataset.images[:2]))[1].shape == (2,)
+    repair = bn_repair.RepairConfig(suspect_images=np.asarray(random_dataset.images[:2]), cetf=search, epochs=1)
+    _, info = bn_repair.extract_triggers(module, variables, random_dataset, jax.random.key(0), repair)
+    assert info["calibration"] == calibration  # same key: same calibration images and limit
+
+
 def test_cetf_defenses_are_registered():
     assert defenses.get("cetf").detector
     for name in ("cetf+bn-clean", "cetf+bn-unlearn", "cetf+unlearn"):
@@ -174,69 +250,83 @@ def test_cetf_defenses_are_registered():
 
 # --------------------------------------------------------------------------- real data
 # Smaller than the paper's search (population 40, 100 generations, patience 10) to fit the
-# test budget on 2 CPU cores: population 20, at most 15 generations, patience 5, 10 + 10 images
-# (measured: ~80 s for the screening on a loaded 2-core machine).
-REAL_CONFIG = cetf.CETFConfig(population_size=20, max_generations=15, patience=5, batch_size=4)
+# test budget on 2 CPU cores: population 20, at most 15 generations, patience 5, 10 + 10 images,
+# the region limit calibrated on 10 of the defender's clean images (measured: ~30 s in all).
+REAL_CONFIG = cetf.CETFConfig(population_size=20, max_generations=15, patience=5, batch_size=4,
+                              calibration_size=10)
 REAL_INPUTS = 10
 
 
 @pytest.fixture(scope="module")
-def badnets_screening(gtsrb_badnets_run, gtsrb_test):
-    """CETF on 10 successfully triggered and 10 clean GTSRB test images of the BadNets model.
+def badnets_screening(data_dir, gtsrb_test):
+    """CETF on 10 successfully triggered and 10 clean GTSRB test images of zoo v2's small-bn
+    BadNets model (ACC 0.94 / ASR 0.99 on these images), as ``cetf`` runs it: the region limit
+    calibrated first, then the screening with the same auxiliary and filter images.
 
     The defender's clean set (2 per class, the paper's setting) is held out of the evaluation set.
     """
-    from conftest import optimized_compilation
+    from conftest import ZOO_V2_DIR, optimized_compilation
 
+    from bdjax import checkpoint
     from bdjax.data import clean_defense_split
     from bdjax.evaluation import TestSets
 
-    run = gtsrb_badnets_run
+    run = checkpoint.load(ZOO_V2_DIR / "small-bn-gtsrb-badnets")
     clean, evaluation = clean_defense_split(gtsrb_test, 2, 0)
     sets = TestSets.build(evaluation, run.attack, run.target)
     with optimized_compilation():
         hits = predict(run.module, run.variables, sets.triggered.images) == 14
         triggered = sets.triggered.images[np.flatnonzero(hits)[:REAL_INPUTS]]
         clean_inputs = sets.clean.images[:REAL_INPUTS]
-        auxiliary, filter_images = cetf.auxiliary_split(clean, jax.random.key(0), REAL_CONFIG)
+        key = jax.random.key(0)
+        config, calibration = cetf.calibrate_max_region(run.module, run.variables, clean, key, REAL_CONFIG)
+        auxiliary, filter_images = cetf.auxiliary_split(clean, jax.random.split(key)[0], config)
         found = cetf.screen(run.module, run.variables, np.concatenate([triggered, clean_inputs]),
-                            auxiliary, filter_images, jax.random.key(1), REAL_CONFIG)
-    return run, clean, sets, triggered, found
+                            auxiliary, filter_images, jax.random.key(1), config)
+    return run, clean, sets, triggered, found, calibration
 
 
 @pytest.mark.realdata
 @pytest.mark.slow
-def test_cetf_flags_triggered_inputs_and_passes_clean_ones(badnets_screening):
-    _, _, _, triggered, found = badnets_screening
+def test_cetf_with_a_calibrated_region_limit_flags_triggered_inputs_and_passes_most_clean_ones(badnets_screening):
+    """Measured: the paper's rule alone flags 10/10 triggered and 7/10 clean inputs (the clean
+    regions are pictograms of 130-360 pixels that flip other signs); the limit calibrated on the
+    defender's clean images (251 pixels: 4 of its 10 calibration images were flagged) keeps
+    10/10 and flags 2/10 clean. The triggered regions start at the upper-left corner."""
+    _, _, _, triggered, found, calibration = badnets_screening
     n = len(triggered)
+    paper_rule = (found.fitness >= 0) & (found.switched > REAL_CONFIG.filter_threshold)
     tpr, fpr = found.poisoned[:n].mean(), found.poisoned[n:].mean()
-    print(f"TPR {tpr:.2f}, FPR {fpr:.2f}, boxes {found.box[:n][found.poisoned[:n]].tolist()}")
-    # Measured on the committed test model: TPR 0.9, FPR 0.3 (3 of 10 clean inputs: a region of
-    # this weak model's (ACC 0.60) clean images also flips > 50% of the filter images; the regions
-    # found on triggered inputs start at the corner but are large, up to 30x3 or 19x15 pixels).
-    # The paper reports ~0 FPR.
-    assert tpr >= 0.8 and fpr <= 0.4, (tpr, fpr, found.box[:n].tolist(), found.switched.tolist())
-    # The extracted regions sit on the 2x2 upper-left trigger.
-    boxes = found.box[:n][found.poisoned[:n]]
+    print(f"calibration {calibration}; paper rule TPR {paper_rule[:n].mean():.2f} FPR {paper_rule[n:].mean():.2f}; "
+          f"with the limit TPR {tpr:.2f} FPR {fpr:.2f}, boxes {found.box.tolist()}")
+    assert calibration["calibration_images"] == 10 and calibration["max_region"] is not None
+    assert tpr >= 0.9 and fpr <= 0.3, (tpr, fpr, found.box.tolist(), found.switched.tolist())
+    assert fpr < paper_rule[n:].mean() and tpr == paper_rule[:n].mean()  # the limit removes clean flags only
+    boxes = found.box[:n][found.poisoned[:n]]  # the regions sit on the 2x2 upper-left trigger
     assert np.all((boxes[:, 0] <= 1) & (boxes[:, 1] <= 1)), boxes.tolist()
 
 
 @pytest.mark.realdata
 @pytest.mark.slow
-def test_bn_cleaning_with_extracted_triggers_lowers_asr_and_keeps_acc(badnets_screening):
+def test_bn_repairs_with_extracted_triggers_lower_asr_and_keep_acc(badnets_screening):
+    """BN-cleaning and BN-unlearning with the triggers CETF extracted (12: 10 true regions and 2
+    clean pictograms) pasted on 2 clean images per class with their true labels.
+
+    Measured: ASR 0.994 -> 0.822 (BN-cleaning), 0.333 (BN-unlearning); ACC 0.937 -> 0.934, 0.939.
+    The paper: ASR ~0 for both (λ = 0.1 moves the statistics only part of the way)."""
     from bdjax.evaluation import evaluate_model
 
-    run, clean, sets, triggered, found = badnets_screening
+    run, clean, sets, triggered, found, _ = badnets_screening
     triggers = found.triggers(np.concatenate([triggered, sets.clean.images[:REAL_INPUTS]]))
     assert triggers, "CETF extracted no trigger"
-    # RepairConfig's defaults: 2 images per class, 3 epochs, batches of 32, λ = 0.1.
-    cleaned, info = bn_repair.repair_with_triggers("bn-clean", run.module, run.variables, clean, triggers,
-                                                   jax.random.key(2), jax.random.key(3))
-    assert info["repair_size"] == 2 * 43
     before = evaluate_model(run.module, run.variables, sets)
-    after = evaluate_model(run.module, cleaned, sets)
-    print(f"before {before}, after BN-cleaning {after}")
-    # Measured: ASR 0.985 -> 0.876, ACC 0.616 -> 0.573. λ = 0.1 moves the statistics only part of
-    # the way (on an earlier 0.64-ACC training of this recipe, the TRUE trigger and λ = 0.3 gave ASR
-    # 0.42 but ACC 0.56), far from the paper's ~0.
-    assert after.asr < before.asr - 0.05 and after.acc > before.acc - 0.05, (before, after)
+    after = {}
+    for kind in ("bn-clean", "bn-unlearn"):  # RepairConfig's defaults: 2 per class, 3 epochs, λ = 0.1
+        repaired, info = bn_repair.repair_with_triggers(kind, run.module, run.variables, clean, triggers,
+                                                        jax.random.key(2), jax.random.key(3))
+        assert info["repair_size"] == 2 * 43
+        after[kind] = evaluate_model(run.module, repaired, sets)
+    print(f"before {before}, after {after}")
+    assert before.asr > 0.95
+    assert after["bn-clean"].asr < before.asr - 0.1 and after["bn-unlearn"].asr < before.asr - 0.5, after
+    assert all(report.acc > before.acc - 0.02 for report in after.values()), after

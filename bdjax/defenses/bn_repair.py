@@ -27,7 +27,7 @@ import numpy as np
 from bdjax import surgery
 from bdjax.data.dataset import Dataset, to_float
 from bdjax.defenses.base import DefenseResult, check_clean_set, register
-from bdjax.defenses.cetf import CETFConfig, Trigger, auxiliary_split, screen
+from bdjax.defenses.cetf import CETFConfig, Trigger, auxiliary_split, calibrate_max_region, screen
 from bdjax.training import TrainConfig, train
 
 
@@ -149,10 +149,13 @@ def extract_triggers(module, variables, clean: Dataset, key, config: RepairConfi
     """CETF on ``config``'s suspect inputs: (one trigger per flagged input, screening info)."""
     suspects = _suspects(config)
     aux_key, run_key = jax.random.split(key)
-    auxiliary, filter_images = auxiliary_split(clean, aux_key, config.cetf)
-    found = screen(module, variables, suspects, auxiliary, filter_images, run_key, config.cetf)
+    cetf_config, calibration = calibrate_max_region(module, variables, clean, key, config.cetf)
+    auxiliary, filter_images = auxiliary_split(clean, aux_key, cetf_config)
+    found = screen(module, variables, suspects, auxiliary, filter_images, run_key, cetf_config)
     info = {"screened": len(suspects), "flagged": int(found.poisoned.sum()),
-            "regions": found.sample(config.cetf.sample_size)}
+            "regions": found.sample(cetf_config.sample_size)}
+    if calibration:
+        info["calibration"] = calibration
     return found.triggers(suspects), info
 
 
