@@ -40,7 +40,7 @@ BACKDOORBENCH_CIFAR10 = {"BadNets": (91.32, 95.03), "Blended": (93.47, 99.92), "
 # JSON cell records (experiments/tables.py) that feed the generated summary, with the table
 # script that wrote each; the script's ``paper_reference(cell)`` gives the paper's row for a cell.
 SUMMARY_SOURCES = {"tsbd_tables": "tsbd_tables", "suspicion_table": "suspicion_table",
-                   "tac_tables_v2": "tac_tables"}
+                   "tac_tables_v2": "tac_tables", "cetf_tables_v2": "filter_tables"}
 
 VERDICT_RULE = (
     "Verdict (SPEC.md's reproduction rule), from the mean over seeds of the defended ASR and of the "

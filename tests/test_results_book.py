@@ -93,3 +93,21 @@ def test_the_summary_reads_tac_v2_cells_against_the_thesis_and_names_a_different
     small, big = (next(r for r in rows if name in r) for name in ("small-bn-gtsrb", "resnet20-gtsrb"))
     assert "| same |" in small and "| reproduced (stronger) |" in small and "| 3 | yes |" in small
     assert "paper: gtsrb resnet18" in big
+
+
+def test_the_summary_reads_the_input_filter_cells_of_the_cetf_papers_setting_only(book, monkeypatch, tmp_path):
+    """Tables II / III: CETF keeps ACC 99.97 with ASR 0 on GTSRB ResNet-20 BadNets (bottom-right); a
+    filter that rejects every clean input has ACC 0 and is "not" reproduced; our region-limit
+    ablation and the other zoo models have no paper row."""
+    import filter_tables
+    cell = dict(run="resnet20-gtsrb-badnets-br", model="resnet20", attack="badnets", dataset="gtsrb", k=2)
+    assert filter_tables.paper_reference({**cell, "method": "cetf"})["acc"] == 0.9997
+    assert filter_tables.paper_reference({**cell, "method": "cetf-region-limit"}) is None
+    assert filter_tables.paper_reference({**cell, "run": "resnet20-gtsrb-badnets", "method": "cetf"}) is None
+    cells = [dict(cell, seed=s, method=m, acc=a, asr=r, tpr=t, fpr=f)
+             for s in (0, 1, 2) for m, a, r, t, f in (("none", 0.97, 1.0, 0.0, 0.0), ("cetf", 0.0, 0.0, 1.0, 1.0),
+                                                      ("cetf-region-limit", 0.9, 0.0, 1.0, 0.05))]
+    (tmp_path / "cetf_tables_v2.json").write_text(json.dumps({"settings": {}, "cells": cells}))
+    monkeypatch.setattr(book, "RESULTS", tmp_path)
+    rows = [line for line in book.measured_summary().splitlines() if "resnet20-gtsrb-badnets-br" in line]
+    assert len(rows) == 1 and rows[0].startswith("| cetf |") and "| not |" in rows[0] and "| same |" in rows[0]
