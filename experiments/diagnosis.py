@@ -193,9 +193,23 @@ def cetf() -> str:
             f"clean inputs; the fitness's area term s²/S is {np.median(clean) ** 2 / image:.0f} for the median "
             "clean region against 1,000 per flipped image, so it cannot reject them. This is the method as "
             "written meeting a model whose classes are carried by small central regions, not a numerical "
-            "bug: the triggered regions are where the trigger is. Not yet run: a maximum region size "
-            "calibrated on the defender's clean images (their false-positive rate, no test data), and CETF "
-            "on 200 + 200 inputs.")
+            "bug: the triggered regions are where the trigger is." + _cetf_region_limit())
+
+
+def _cetf_region_limit() -> str:
+    """What the input-filter table says about CETF with and without the calibrated region limit."""
+    cells = [c for c in _cells("cetf_tables_v2") if c["method"] in ("cetf", "cetf-region-limit")]
+    if not cells:
+        return (" Not yet run: CETF on 200 + 200 inputs with a maximum region size calibrated on the defender's "
+                "clean images (`python experiments/filter_tables.py`).")
+    parts = []
+    for (run, method), group in tables.group(cells, ("run", "method")).items():
+        rate = lambda key: tables.mean_std([c[key] for c in group], digits=1, count=False)  # noqa: E731
+        parts.append(f"{run} {method}: TPR {rate('tpr')} %, FPR {rate('fpr')} %, ACC {rate('acc')} % "
+                     f"({len(group)} seed{'s' if len(group) > 1 else ''}, {group[0]['triggered_size']} + "
+                     f"{group[0]['eval_size']} inputs)")
+    return (" On the input-filter table (`cetf_tables_v2.md`), the paper's rule against our ablation with a "
+            "region limit set on the defender's clean images (the same screening): " + "; ".join(parts) + ".")
 
 
 def tac() -> str:
