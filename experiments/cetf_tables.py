@@ -119,8 +119,7 @@ def detection(run, clean, triggered, clean_inputs, clean_labels, key,
         started = time.perf_counter()
         limited, calibration = cetf.calibrate_max_region(run.module, run.variables, clean, key,
                                                          dataclasses.replace(config, calibration_size=calibration_size))
-        limit = np.inf if limited.max_region is None else limited.max_region * np.prod(inputs.shape[1:3])
-        flagged = found.poisoned & (found.box[:, 2] * found.box[:, 3] <= limit)
+        flagged = found.poisoned & cetf.within_limit(found.box, limited.max_region, inputs.shape)
         name = f"CETF, region limit from {calibration_size} clean (ours)"
         rows[name] = filter_scores(flagged[:n], flagged[n:], found.predicted[:n], found.predicted[n:], target,
                                    clean_labels, seconds)

@@ -148,8 +148,7 @@ def measure_seed(run, name: str, seed: int, record: tables.CellRecord, args):
             started = time.perf_counter()
             limited, calibration = cetf.calibrate_max_region(
                 run.module, run.variables, clean, key, dataclasses.replace(config, calibration_size=args.calibration_size))
-            limit = np.inf if limited.max_region is None else limited.max_region * np.prod(inputs.shape[1:3])
-            flagged = found.poisoned & (found.box[:, 2] * found.box[:, 3] <= limit)
+            flagged = found.poisoned & cetf.within_limit(found.box, limited.max_region, inputs.shape)
             cetf_cell = record.find(run=name, k=PER_CLASS, seed=seed, method="cetf")
             add("cetf-region-limit", found.predicted, flagged,
                 time.perf_counter() - started + (cetf_cell["seconds"] if cetf_cell else 0.0),

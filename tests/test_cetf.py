@@ -175,6 +175,14 @@ def test_region_limit_settings_are_checked():
             cetf.CETFConfig(**bad)
 
 
+def test_region_limit_is_exact_in_pixels_on_any_image_size():
+    boxes = np.array([[0, 0, 10, 25], [0, 0, 1, 251], [3, 4, 1, 1]])  # 250, 251 and 1 pixels
+    for height, width in ((28, 28), (32, 32), (30, 45)):
+        np.testing.assert_array_equal(cetf.within_limit(boxes, 250 / (height * width), (5, height, width, 3)),
+                                      [True, False, True])
+    assert cetf.within_limit(boxes, None, (28, 28, 3)).all() and not cetf.within_limit(boxes, 0.0, (28, 28, 3)).any()
+
+
 def _screening(boxes, poisoned):
     n = len(boxes)
     return cetf.Screening(np.array(poisoned), np.zeros(n, np.int32), np.array(boxes, np.int32), np.zeros(n),

@@ -364,6 +364,16 @@ def calibrate_max_region(module, variables, clean: Dataset, key, config: CETFCon
     return dataclasses.replace(paper_rule, max_region=limit), info
 
 
+def within_limit(box: np.ndarray, max_region: float | None, image_shape) -> np.ndarray:
+    """bool[N]: the regions ``box`` (int[N, 4], top / left / height / width) no larger than
+    ``max_region`` of the area of images of ``image_shape`` ([N,] H, W, C); all True for None."""
+    box = np.asarray(box)
+    if max_region is None:
+        return np.ones(len(box), bool)
+    height, width = image_shape[-3:-1]
+    return box[:, 2] * box[:, 3] <= max_region * height * width + 1e-6  # max_region = pixels / area
+
+
 def screen(module, variables, images: np.ndarray, auxiliary: np.ndarray, filter_images: np.ndarray,
            key, config: CETFConfig = CETFConfig()) -> Screening:
     """Run CETF on ``images`` (uint8[N, H, W, C]) in fixed-size batches (one compilation)."""
@@ -390,9 +400,7 @@ def screen(module, variables, images: np.ndarray, auxiliary: np.ndarray, filter_
         parts.append((predicted[keep], priors[keep], found.box[keep], found.fitness[keep],
                       found.history[keep], found.generations[keep], switched[keep]))
     predicted, priors, box, best, history, generations, switched = (np.concatenate(p) for p in zip(*parts))
-    poisoned = (best >= 0) & (switched > config.filter_threshold)
-    if config.max_region is not None:
-        poisoned &= box[:, 2] * box[:, 3] <= config.max_region * images.shape[1] * images.shape[2]
+    poisoned = (best >= 0) & (switched > config.filter_threshold) & within_limit(box, config.max_region, images.shape)
     return Screening(poisoned, predicted.astype(np.int32), box.astype(np.int32), best, switched,
                      priors.astype(np.int32), history, generations.astype(np.int32))
 
