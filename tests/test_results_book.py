@@ -2,6 +2,7 @@
 diagnosis reads the records; the records (experiments/tables.py) survive two writers."""
 
 import json
+import types
 from pathlib import Path
 
 import numpy as np
@@ -111,3 +112,39 @@ def test_the_summary_reads_the_input_filter_cells_of_the_cetf_papers_setting_onl
     monkeypatch.setattr(book, "RESULTS", tmp_path)
     rows = [line for line in book.measured_summary().splitlines() if "resnet20-gtsrb-badnets-br" in line]
     assert len(rows) == 1 and rows[0].startswith("| cetf |") and "| not |" in rows[0] and "| same |" in rows[0]
+
+
+def test_the_filter_tables_cetf_screening_resumes_after_a_kill_with_the_uninterrupted_result(book, monkeypatch,
+                                                                                          tmp_path):
+    import filter_tables
+    import jax
+
+    from bdjax.defenses import cetf
+
+    calls = []
+
+    def fake_screen(module, variables, images, auxiliary, filter_images, key, config):
+        calls.append(len(images))
+        if fail and len(calls) == 3:
+            raise KeyboardInterrupt  # killed during the third chunk
+        n, first = len(images), images[:, 0, 0, 0].astype(np.int32)
+        return cetf.Screening(first % 2 == 0, first, np.tile(first[:, None], 4), first * 1.0,
+                              np.full(n, float(jax.random.randint(key, (), 0, 100))), np.zeros((n, 4), np.int32),
+                              np.zeros((n, 3)), np.ones(n, np.int32))
+
+    monkeypatch.setattr(cetf, "screen", fake_screen)
+    run = types.SimpleNamespace(module=None, variables=None)
+    images = np.arange(8, dtype=np.uint8)[:, None, None, None] * np.ones((8, 2, 2, 3), np.uint8)
+    fail = False
+    whole = filter_tables.resumable_screen(run, images, None, None, jax.random.key(0), None, tmp_path / "a.npz", 3)
+    assert calls == [3, 3, 2]
+    calls.clear()
+    fail = True
+    with pytest.raises(KeyboardInterrupt):
+        filter_tables.resumable_screen(run, images, None, None, jax.random.key(0), None, tmp_path / "b.npz", 3)
+    fail = False
+    calls.clear()
+    resumed = filter_tables.resumable_screen(run, images, None, None, jax.random.key(0), None, tmp_path / "b.npz", 3)
+    assert calls == [2]  # only the chunk that the kill interrupted
+    for name in ("poisoned", "predicted", "box", "switched"):
+        np.testing.assert_array_equal(getattr(resumed, name), getattr(whole, name))
