@@ -71,7 +71,8 @@ def paper_reference(cell: dict) -> dict | None:
 
 def resumable_screen(run, images, auxiliary, filter_images, key, config, path: Path, chunk: int) -> cetf.Screening:
     """``cetf.screen`` of ``images`` in chunks of ``chunk`` (chunk i with ``fold_in(key, i)``), each
-    finished chunk appended to ``path`` (npz, written atomically), so that a rerun skips them."""
+    finished chunk appended to ``path`` (npz, written atomically), so that a rerun skips them (with
+    the same ``chunk``: the keys of the remaining chunks follow from it)."""
     fields = [f.name for f in dataclasses.fields(cetf.Screening)]
     done: dict[str, np.ndarray] = {}
     if path.is_file():
