@@ -117,8 +117,7 @@ def write_table(path: Path, records: list[dict], header: dict) -> None:
         "itself, compilation included, evaluation excluded; filters also report evaluation seconds per "
         "screened input. ACC/ASR of a filter count rejected inputs as wrong / failed.",
         "",
-        *([header["note"]] if header.get("note") else []),
-        "",
+        *([header["note"], ""] if header.get("note") else []),
         "| method | clean set | overrides | defense s | screening s / input | ACC % | ASR % | TPR % | FPR % |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
