@@ -121,11 +121,14 @@ V2_GTSRB_ATTACKS = {
     # with bdjax's defaults (20-bit secret), committed beside the zoo:
     # python -m bdjax.attacks.ssba_encoder --dataset gtsrb --out experiments/zoo-v2/ssba-gtsrb.npz
     "ssba": dict(attack="ssba", attack_args={"encoder_file": "experiments/zoo-v2/ssba-gtsrb.npz"}),
-    # Input-aware (CETF Tables VII / VIII, TSBD table 1): generators with the authors' settings (25
-    # mask epochs, attack and cross rate 0.1), the classifier with the default recipe. A dynamic
-    # trigger plants more slowly than a patch (WaNet's 5 epochs fell short), so 10 epochs, chosen
-    # for the CPU budget before training (the paper: 600).
-    "input-aware": dict(attack="input-aware", epochs=10),
+    # Input-aware (CETF Tables VII / VIII, TSBD table 1): generators with the authors' settings
+    # (attack and cross rate 0.1) except the mask generator's pre-training, the classifier with the
+    # default recipe. A dynamic trigger plants more slowly than a patch (WaNet's 5 epochs fell
+    # short), so 10 joint epochs, chosen for the CPU budget before training (the paper: 600). The
+    # authors' 25 mask epochs would take ~18 h here (one epoch of the full split: 43 min, measured
+    # 2026-12-03 on the shared CPU), so 2 (the planting test reaches ASR 0.86 after 1 on 2,000
+    # images); an attacker's setting, chosen before any result of this model.
+    "input-aware": dict(attack="input-aware", epochs=10, attack_args={"mask_epochs": 2}),
     "clean": dict(attack="none"),
 }
 # BNA table 1 poisons 100 images per source class: 900 of CIFAR-10's 50,000 training images.
