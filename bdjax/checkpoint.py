@@ -61,6 +61,15 @@ class CheckpointError(ValueError):
     """A run directory that is missing, corrupt, or does not match the model it names."""
 
 
+class StaleTrainingState(CheckpointError):
+    """An unfinished training's saved state that another training (other data, recipe, seed or
+    model) wrote: it cannot be resumed. ``path``: its folder."""
+
+    def __init__(self, message: str, path):
+        super().__init__(message)
+        self.path = path
+
+
 @dataclasses.dataclass
 class Run:
     """Everything a defense or an evaluation needs about a trained model."""

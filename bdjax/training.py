@@ -263,9 +263,9 @@ def train_many(module, dataset: Dataset, config: TrainConfig, keys, *, variables
         if saved is not None:
             state, meta = saved
             if meta.get("fingerprint") != fingerprint:
-                raise checkpoint.CheckpointError(
+                raise checkpoint.StaleTrainingState(
                     f"the training state in {checkpoint_dir} was written by another training (its data, "
-                    "recipe, seed or model differ); remove it or start again with --overwrite")
+                    "recipe, seed or model differ); remove it or start again with --overwrite", checkpoint_dir)
             first_epoch, seconds_before = meta["epoch"], meta["seconds"]
             history = [{k: np.asarray(v) for k, v in h.items()} for h in meta["history"]]
             for rng, rng_state in zip(orders, meta["data_order"]):

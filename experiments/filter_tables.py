@@ -138,7 +138,8 @@ def measure_seed(run, name: str, seed: int, record: tables.CellRecord, args):
             areas = found.box[:, 2] * found.box[:, 3]
             add("cetf", found.predicted, found.poisoned, time.perf_counter() - started,
                 {"generations_mean": float(found.generations.mean()),
-                 "median_area_triggered": float(np.median(areas[:n])), "median_area_clean": float(np.median(areas[n:]))})
+                 "median_area_triggered": float(np.median(areas[:n])),
+                 "median_area_clean": float(np.median(areas[n:]))})
         elif method == "cetf-region-limit":
             # The screening of "cetf" (cached), judged with a region limit from the defender's clean set.
             config = cetf.CETFConfig()
@@ -147,8 +148,8 @@ def measure_seed(run, name: str, seed: int, record: tables.CellRecord, args):
             found = resumable_screen(run, inputs, auxiliary, filter_images, run_key, config,
                                      SCREENS / f"{name}-seed{seed}-{n}.npz", args.chunk)
             started = time.perf_counter()
-            limited, calibration = cetf.calibrate_max_region(
-                run.module, run.variables, clean, key, dataclasses.replace(config, calibration_size=args.calibration_size))
+            calibrating = dataclasses.replace(config, calibration_size=args.calibration_size)
+            limited, calibration = cetf.calibrate_max_region(run.module, run.variables, clean, key, calibrating)
             flagged = found.poisoned & cetf.within_limit(found.box, limited.max_region, inputs.shape)
             cetf_cell = record.find(run=name, k=PER_CLASS, seed=seed, method="cetf")
             add("cetf-region-limit", found.predicted, flagged,
@@ -207,8 +208,8 @@ def main(argv=None) -> int:
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--data-dir", default=os.environ.get("BDJAX_DATA_DIR"))
     args = parser.parse_args(argv)
-    record = tables.CellRecord(tables.RESULTS / f"{args.record}.json",
-                               {"inputs": args.inputs, "calibration_size": args.calibration_size, "per_class": PER_CLASS})
+    settings = {"inputs": args.inputs, "calibration_size": args.calibration_size, "per_class": PER_CLASS}
+    record = tables.CellRecord(tables.RESULTS / f"{args.record}.json", settings)
     command = "python experiments/filter_tables.py" + ("" if args.record == RECORD else f" --record {args.record}")
     out = tables.RESULTS / f"{args.record}.md"
     for name in [] if args.table_only else args.only:

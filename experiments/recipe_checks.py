@@ -58,8 +58,9 @@ def measured(path: Path, record: dict, data_dir, known: dict) -> dict:
     un-augmented training split in inference mode (how well the model fits its training images:
     under-fitting vs a generalisation gap), and ``errors_to_target``, the share of the model's
     wrong answers on clean test images of other classes that name the attack's target (a poison
-    that pulls clean images to the target raises it above a class's share of the wrong answers). Reused from ``known`` (the previous record's values by weights hash) when the
-    weights have not changed; None without data."""
+    that pulls clean images to the target raises it above a class's share of the wrong answers).
+    Reused from ``known`` (the previous record's values by weights hash) when the weights have not
+    changed; None without data."""
     if record["variables_sha256"] in known:
         return known[record["variables_sha256"]]
     if data_dir is None:

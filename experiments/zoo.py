@@ -176,6 +176,17 @@ def v2_specs(accelerator: bool = False) -> dict[str, RunSpec]:
     return specs
 
 
+def set_aside(path: Path, target: Path) -> Path:
+    """Move ``path`` to ``target`` (``target-2``, ``-3``, ... when taken), outside the run folder
+    that a finished save replaces whole; returns where it went."""
+    chosen, count = target, 1
+    while chosen.exists():
+        count += 1
+        chosen = target.with_name(f"{target.name}-{count}")
+    path.rename(chosen)
+    return chosen
+
+
 def variant_specs(variant: str) -> dict[str, RunSpec]:
     if variant == "v1":
         return zoo_specs()
@@ -360,7 +371,13 @@ def main(argv=None) -> int:
                 print(f"[retrain] {name}: the spec or recipe changed {drift}", flush=True)
                 overwrite = True
             started = time.perf_counter()
-            run = train_run(spec, run_dir, args.data_dir, progress=False, resume=True, overwrite=overwrite)
+            try:
+                run = train_run(spec, run_dir, args.data_dir, progress=False, resume=True, overwrite=overwrite)
+            except checkpoint.StaleTrainingState as stale:  # an unfinished training of the spec before
+                kept = set_aside(Path(stale.path), out / f"{name}.stale-training")
+                print(f"[restart] {name}: its unfinished training was of another spec or recipe; kept as {kept}",
+                      flush=True)
+                run = train_run(spec, run_dir, args.data_dir, progress=False, resume=True, overwrite=overwrite)
             m = run.record["metrics"]
             print(f"[done] {name}: ACC {m['acc']:.4f} ASR {_rate(m['asr'])} "
                   f"({time.perf_counter() - started:.0f} s)", flush=True)

@@ -153,14 +153,15 @@ def test_the_filter_tables_cetf_screening_resumes_after_a_kill_with_the_uninterr
 def test_the_defense_benchmark_table_prints_its_note_apart_from_the_command(book, tmp_path):
     import defense_benchmark
 
-    shown = defense_benchmark.shown_arguments(["--budget", "quick", "--note", "beside a zoo run", "--note=x", "--seed", "1"])
-    assert shown == ["--budget", "quick", "--seed", "1"]
+    argv = ["--budget", "quick", "--note", "beside a zoo run", "--note=x", "--seed", "1"]
+    assert defense_benchmark.shown_arguments(argv) == ["--budget", "quick", "--seed", "1"]
     header = {"command": "python experiments/defense_benchmark.py", "machine": "cpu", "run": "r", "defense_size": 430,
               "per_class": 10, "eval_size": 1000, "filter_eval": "20 clean + 19 triggered", "before": "ACC 97.6 %",
               "budget": "quick", "note": "Measured beside another job."}
     record = {"method": "ft", "after": {"acc": 0.9, "asr": 0.1}, "overrides": {}, "defense_seconds": 1.0}
     defense_benchmark.write_table(tmp_path / "t.md", [record], header)
     text = (tmp_path / "t.md").read_text()
-    assert "\nMeasured beside another job.\n" in text and "| ft | 430 | — | 1.0 | – | 90.0 | 10.0 | – | – |" in text
+    assert "\nMeasured beside another job.\n" in text
+    assert "| ft | 430 | — | 1.0 | – | 90.0 | 10.0 | – | – |" in text
     defense_benchmark.save(tmp_path / "r.json", "r", "quick", None, {"ft": record})
     assert "note" not in json.loads((tmp_path / "r.json").read_text())

@@ -252,14 +252,15 @@ def test_a_killed_and_resumed_training_ends_bit_identical_to_an_uninterrupted_on
 
 
 def test_a_checkpoint_of_another_training_is_refused(info, task, tmp_path):
-    from bdjax.checkpoint import CheckpointError
+    from bdjax.checkpoint import CheckpointError, StaleTrainingState
 
     module = create("small-bn", info)
     with pytest.raises(_Killed):
         train(module, task, CONFIG, jax.random.key(0), progress=False, checkpoint_dir=tmp_path,
               on_epoch=_kill_after(1))
-    with pytest.raises(CheckpointError, match="another training"):
+    with pytest.raises(CheckpointError, match="another training") as refused:
         train(module, task, CONFIG, jax.random.key(1), progress=False, checkpoint_dir=tmp_path)
+    assert isinstance(refused.value, StaleTrainingState) and refused.value.path == tmp_path  # zoo.py sets it aside
 
 
 def test_a_corrupt_training_checkpoint_is_a_clear_error(info, task, tmp_path):

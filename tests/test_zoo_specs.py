@@ -52,3 +52,26 @@ def test_cpu_epoch_counts_of_slow_planting_attacks_stay_out_of_the_accelerator_z
     assert v2["resnet20-gtsrb-wanet"].epochs == 15 and v2["resnet20-gtsrb-input-aware"].epochs == 10
     assert accelerator["preact-resnet18-gtsrb-wanet"].epochs is None
     assert accelerator["preact-resnet18-gtsrb-input-aware"].epochs is None
+
+
+def test_an_unfinished_training_of_an_older_spec_is_kept_aside_and_the_run_restarts(tmp_path, monkeypatch):
+    from bdjax import checkpoint
+
+    name = "resnet20-gtsrb-input-aware"
+    stale = tmp_path / name / "training"
+    stale.mkdir(parents=True)
+    (stale / "state.json").write_text("{}")
+    calls = []
+
+    def train_run(spec, run_dir, data_dir, progress, resume, overwrite):
+        calls.append(run_dir)
+        if (run_dir / "training").exists():
+            raise checkpoint.StaleTrainingState("written by another training", run_dir / "training")
+        return type("Run", (), {"record": {"metrics": {"acc": 0.97, "asr": 0.99}}})()
+
+    monkeypatch.setattr(zoo, "train_run", train_run)
+    monkeypatch.setattr(zoo, "write_table", lambda out, variant: out / "RESULTS.md")
+    assert zoo.main(["--only", name, "--out", str(tmp_path)]) == 0
+    assert calls == [tmp_path / name] * 2  # refused, then trained from the start
+    kept = tmp_path / f"{name}.stale-training"
+    assert (kept / "state.json").read_text() == "{}" and not stale.exists()  # nothing lost

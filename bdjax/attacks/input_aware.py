@@ -389,9 +389,9 @@ def train_input_aware(module, dataset: Dataset, target: TargetMap, key,
         if saved is not None:
             (mask_state, state), meta = saved
             if meta.get("fingerprint") != fingerprint:
-                raise checkpoint.CheckpointError(
+                raise checkpoint.StaleTrainingState(
                     f"the training state in {checkpoint_dir} was written by another input-aware training (its "
-                    "data, settings, seed or model differ); remove it or start again with --overwrite")
+                    "data, settings, seed or model differ); remove it or start again with --overwrite", checkpoint_dir)
             first_epoch, seconds_before, history = meta["epoch"], meta["seconds"], meta["history"]
             for rng, rng_state in zip(orders, meta["data_order"]):
                 rng.bit_generator.state = rng_state
