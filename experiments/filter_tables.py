@@ -37,7 +37,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from bdjax import checkpoint, defenses
+from bdjax import checkpoint
 from bdjax.defenses import cetf
 from bdjax.metrics import defense_effectiveness_rating
 from bdjax.models.inference import predict
@@ -117,24 +117,26 @@ def measure_seed(run, name: str, seed: int, record: tables.CellRecord, args):
         record.add(cell)
         print(tables.line(cell) + f" TPR {100 * row['tpr']:.1f} FPR {100 * row['fpr']:.1f}", flush=True)
 
+    def screening():
+        """The paper's CETF screening of ``inputs``, shared by both CETF rows (cached on disk)."""
+        config = cetf.CETFConfig()
+        aux_key, run_key = jax.random.split(key)
+        auxiliary, filter_images = cetf.auxiliary_split(clean, aux_key, config)
+        return config, resumable_screen(run, inputs, auxiliary, filter_images, run_key, config,
+                                        SCREENS / f"{name}-seed{seed}-{n}.npz", args.chunk)
+
     for method in todo:
         if method == "none":
             add("none", predict(run.module, run.variables, inputs), np.zeros(len(inputs), bool), 0.0, {})
         elif method in ("strip", "neo", "februus"):
-            spec = defenses.get(method)
+            result, setup = tables.timed_defense(run, method, {}, clean, seed)
             started = time.perf_counter()
-            result = spec.fn(run.module, run.variables, clean, key, spec.config_cls())
-            setup = time.perf_counter() - started
             predicted, flagged = result.classifier(inputs)
-            add(method, np.asarray(predicted), np.asarray(flagged), time.perf_counter() - started,
+            add(method, np.asarray(predicted), np.asarray(flagged), setup + time.perf_counter() - started,
                 dict(tables.scalars(result.info), setup_s=setup))
         elif method == "cetf":
-            config = cetf.CETFConfig()
-            aux_key, run_key = jax.random.split(key)
-            auxiliary, filter_images = cetf.auxiliary_split(clean, aux_key, config)
             started = time.perf_counter()
-            found = resumable_screen(run, inputs, auxiliary, filter_images, run_key, config,
-                                     SCREENS / f"{name}-seed{seed}-{n}.npz", args.chunk)
+            _, found = screening()
             areas = found.box[:, 2] * found.box[:, 3]
             add("cetf", found.predicted, found.poisoned, time.perf_counter() - started,
                 {"generations_mean": float(found.generations.mean()),
@@ -142,11 +144,7 @@ def measure_seed(run, name: str, seed: int, record: tables.CellRecord, args):
                  "median_area_clean": float(np.median(areas[n:]))})
         elif method == "cetf-region-limit":
             # The screening of "cetf" (cached), judged with a region limit from the defender's clean set.
-            config = cetf.CETFConfig()
-            aux_key, run_key = jax.random.split(key)
-            auxiliary, filter_images = cetf.auxiliary_split(clean, aux_key, config)
-            found = resumable_screen(run, inputs, auxiliary, filter_images, run_key, config,
-                                     SCREENS / f"{name}-seed{seed}-{n}.npz", args.chunk)
+            config, found = screening()
             started = time.perf_counter()
             calibrating = dataclasses.replace(config, calibration_size=args.calibration_size)
             limited, calibration = cetf.calibrate_max_region(run.module, run.variables, clean, key, calibrating)
@@ -158,11 +156,9 @@ def measure_seed(run, name: str, seed: int, record: tables.CellRecord, args):
 
 
 def markdown(record: tables.CellRecord, command: str) -> str:
-    before = {(c["run"], c["seed"]): c for c in record.cells if c["method"] == "none"}
     rows = []
     for (name, method), cells in sorted(tables.group(record.cells, ("run", "method")).items(), key=lambda item: (
             RUNS.index(item[0][0]) if item[0][0] in RUNS else len(RUNS), METHODS.index(item[0][1]))):
-        paired = [(c, before[c["run"], c["seed"]]) for c in cells if (c["run"], c["seed"]) in before]
         paper = paper_reference(cells[0])
         ref = "–" if paper is None else f"{100 * paper['acc']:.2f} / {100 * paper['asr']:.2f}"
         if method == "none" and name == PAPER_RUN:
@@ -172,7 +168,7 @@ def markdown(record: tables.CellRecord, command: str) -> str:
             f"{tables.mean_std([c['asr'] for c in cells], count=False)} | "
             f"{tables.mean_std([c['tpr'] for c in cells], count=False)} | "
             f"{tables.mean_std([c['fpr'] for c in cells], count=False)} | "
-            f"{tables.mean_std([c['der'] for c, _ in paired if c['der'] is not None], count=False)} | "
+            f"{tables.mean_std([c['der'] for c in cells], count=False)} | "
             f"{np.mean([c['info'].get('per_input_s', 0.0) for c in cells]):.2f} | {ref} |")
     settings = record.settings
     return "\n".join([
