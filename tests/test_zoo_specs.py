@@ -75,3 +75,41 @@ def test_an_unfinished_training_of_an_older_spec_is_kept_aside_and_the_run_resta
     assert calls == [tmp_path / name] * 2  # refused, then trained from the start
     kept = tmp_path / f"{name}.stale-training"
     assert (kept / "state.json").read_text() == "{}" and not stale.exists()  # nothing lost
+
+
+# A stand-in for `zoo.py --only NAME --out OUT` in train_concurrently's test: checkpoints two
+# epochs as a training does, then exits (name "bad": fails after its first).
+_FAKE_TRAINING = '''
+import json, sys, time
+from pathlib import Path
+name, out = sys.argv[sys.argv.index("--only") + 1], Path(sys.argv[sys.argv.index("--out") + 1])
+(out / name / "training").mkdir(parents=True)
+for epoch in (1, 2):
+    (out / name / "training" / "state.json").write_text(json.dumps({"epoch": epoch}))
+    time.sleep(0.3)
+    if name == "bad":
+        print("training diverged"); sys.exit(3)
+print(f"[done] {name}")
+'''
+
+
+def test_concurrent_trainings_run_in_order_report_epochs_and_failures(tmp_path, capsys):
+    script = tmp_path / "fake_zoo.py"
+    script.write_text(_FAKE_TRAINING)
+    out = tmp_path / "zoo"
+    out.mkdir()
+    failed = zoo.train_concurrently(["a", "bad", "c"], 2, out, [], poll=0.1, script=script)
+    printed = capsys.readouterr().out
+    assert failed == ["bad"]
+    assert printed.index("[start] a") < printed.index("[start] c")  # queued in the given order
+    # Two at a time: c starts only once a or bad has ended.
+    assert printed.index("[start] c") > min(printed.index("[exit] a"), printed.index("[failed] bad"))
+    assert "[exit] a: [done] a" in printed and "[exit] c: [done] c" in printed
+    assert "[failed] bad (exit 3): training diverged" in printed
+    assert zoo.training_epoch(out / "a") == 2 and zoo.training_epoch(out / "missing") is None
+    assert (out / "c.log").read_text().strip() == "[done] c"
+
+
+def test_jobs_must_be_positive():
+    with pytest.raises(SystemExit):
+        zoo.main(["--jobs", "0", "--table-only"])
