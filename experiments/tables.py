@@ -121,7 +121,7 @@ def group(cells: list[dict], fields: tuple[str, ...]) -> dict[tuple, list[dict]]
 
 
 def measure(run, name: str, attack: str, k: int, seed: int, methods: dict[str, tuple],
-            record: CellRecord, data_dir=None, eval_limit=None, outputs=None):
+            record: CellRecord, data_dir=None, eval_limit=None, outputs=None, evaluate=None, extra=None):
     """Every missing cell of (``name``, ``k``, ``seed``): the undefended model and each method.
 
     ``methods``: row label -> (registered defense, config overrides); in place of a registered
@@ -129,6 +129,10 @@ def measure(run, name: str, attack: str, k: int, seed: int, methods: dict[str, t
     pruning with the attack's own trigger), with empty overrides. ``outputs(label, registered,
     result)`` may turn one defense call into several rows: a list of (label or None for the
     method's own, variables, seconds or None for the call's, info for the record).
+    ``evaluate(run, registered, result, variables, sets) -> dict | None`` measures a row in place
+    of the model's own predictions (e.g. a detector's test-time rule): ``acc``, ``asr`` (None on a
+    clean model) and any further rates for the record; None: the model's predictions after all.
+    ``extra``: further fields of every cell (e.g. the attack's target mode).
     """
     todo = [m for m in methods if record.find(run=name, k=k, seed=seed, method=m) is None]
     before = record.find(run=name, k=k, seed=seed, method="none")
@@ -136,10 +140,12 @@ def measure(run, name: str, attack: str, k: int, seed: int, methods: dict[str, t
         return
     clean, sets = split_for_defense(run, k, seed, data_dir, eval_limit)
     base = dict(run=name, attack=attack, dataset=run.dataset, model=run.record["model"], k=k, seed=seed,
-                defense_size=len(clean), eval_size=len(sets.clean), triggered_size=len(sets.triggered))
+                defense_size=len(clean), eval_size=len(sets.clean), triggered_size=len(sets.triggered),
+                **(extra or {}))
     if before is None:
         report = evaluate_model(run.module, run.variables, sets)
-        before = dict(base, method="none", acc=report.acc, asr=report.asr, der=None, seconds=None)
+        before = dict(base, method="none", acc=report.acc, asr=report.asr if math.isfinite(report.asr) else None,
+                      der=None, seconds=None)
         record.add(before)
         print(line(before), flush=True)
     for method in todo:
@@ -151,10 +157,13 @@ def measure(run, name: str, attack: str, k: int, seed: int, methods: dict[str, t
             label = label or method
             if record.find(run=name, k=k, seed=seed, method=label):
                 continue
-            after = evaluate_model(run.module, variables, sets)
-            der = defense_effectiveness_rating(before["acc"], before["asr"], after.acc, after.asr)
-            cell = dict(base, method=label, acc=after.acc, asr=after.asr, der=der,
-                        seconds=seconds if secs is None else secs, info=info)
+            rates = None if evaluate is None else evaluate(run, registered, result, variables, sets)
+            if rates is None:
+                report = evaluate_model(run.module, variables, sets)
+                rates = {"acc": report.acc, "asr": report.asr if math.isfinite(report.asr) else None}  # None: clean model
+            der = (None if rates["asr"] is None or before["asr"] is None else
+                   defense_effectiveness_rating(before["acc"], before["asr"], rates["acc"], rates["asr"]))
+            cell = dict(base, method=label, **rates, der=der, seconds=seconds if secs is None else secs, info=info)
             record.add(cell)
             print(line(cell), flush=True)
 
@@ -188,5 +197,6 @@ def scalars(info: dict) -> dict:
 def line(cell: dict) -> str:
     """One measured cell, for the progress log."""
     der = "–" if cell["der"] is None else f"{100 * cell['der']:.2f}"
+    asr = "–" if cell["asr"] is None else f"{100 * cell['asr']:.2f}"
     return (f"  {cell['run']} k={cell['k']} seed={cell['seed']} {cell['method']}: ACC {100 * cell['acc']:.2f} "
-            f"ASR {100 * cell['asr']:.2f} DER {der} ({cell['seconds'] or 0:.0f} s)")
+            f"ASR {asr} DER {der} ({cell['seconds'] or 0:.0f} s)")

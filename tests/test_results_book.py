@@ -165,3 +165,29 @@ def test_the_defense_benchmark_table_prints_its_note_apart_from_the_command(book
     assert "| ft | 430 | — | 1.0 | – | 90.0 | 10.0 | – | – |" in text
     defense_benchmark.save(tmp_path / "r.json", "r", "quick", None, {"ft": record})
     assert "note" not in json.loads((tmp_path / "r.json").read_text())
+
+
+def test_the_bna_v2_table_cites_table_1_or_3_by_the_defense_set_and_the_summary_skips_the_clean_model(
+        book, monkeypatch, tmp_path):
+    """BNA on CIFAR-10 BadNet A2O: table 1 (100 clean images per class, 1,000 images) gives ACC 0.9032 /
+    ASR 0.0139, table 3 (10 per class) 0.9026 / 0.0185, both against the undefended 0.9122; the
+    all-to-all row is table 1's A2A column; a clean model (no ASR) has no summary row."""
+    import bna_tables_v2
+    cell = dict(run="resnet20-cifar10-badnets", model="resnet20", attack="badnets", dataset="cifar10",
+                target_mode="all_to_one", method="bna")
+    table1 = bna_tables_v2.paper_reference({**cell, "defense_size": 1000, "k": 100})
+    table3 = bna_tables_v2.paper_reference({**cell, "defense_size": 100, "k": 10})
+    assert (table1["acc"], table1["asr"], table1["acc_before"]) == (0.9032, 0.0139, 0.9122)
+    assert (table3["acc"], table3["asr"]) == (0.9026, 0.0185) and "table 3" in table3["source"]
+    a2a = bna_tables_v2.paper_reference({**cell, "run": "resnet20-cifar10-badnets-a2a", "target_mode": "all_to_all",
+                                         "defense_size": 1000, "k": 100})
+    assert (a2a["acc"], a2a["asr"]) == (0.8951, 0.0189)
+    clean = dict(cell, run="resnet20-cifar10-clean", attack="none", defense_size=1000, k=100)
+    assert bna_tables_v2.paper_reference(clean) is None
+    cells = [dict(c, seed=s, method=m, acc=a, asr=None if c is clean else r, defense_size=1000, k=100)
+             for s in (0, 1, 2) for c in (cell, clean) for m, a, r in (("none", 0.86, 1.0), ("bna", 0.85, 0.02))]
+    (tmp_path / "bna_tables_v2.json").write_text(json.dumps({"settings": {}, "cells": cells}))
+    monkeypatch.setattr(book, "RESULTS", tmp_path)
+    rows = [line for line in book.measured_summary().splitlines() if line.startswith("| bna |")]
+    assert len(rows) == 1 and "resnet20-cifar10-badnets (cifar10), k = 100" in rows[0]
+    assert "| reproduced |" in rows[0] and "paper: cifar10 resnet18" in rows[0]
