@@ -135,16 +135,18 @@ def test_both_baselines_are_registered():
 @pytest.mark.realdata
 def test_fp_lowers_the_asr_of_a_real_badnets_model_and_keeps_clean_accuracy(zoo_badnets_run, gtsrb_ten_per_class):
     """Zoo v2 medium-bn, real GTSRB BadNets (ASR 0.999, ACC 0.949 on these 1,000 images), 430 clean
-    images, FP's defaults with its fine-tuning cut to 10 epochs for the test's budget.
+    images, FP's defaults (20 fine-tuning epochs).
 
-    Measured: FP prunes 3 of 16 pooled features (BackdoorBench's layer), ASR 0.999 -> 0.195,
-    ACC 0.949 -> 0.870. It lowers the backdoor by four fifths without removing it; on the weaker
+    Measured: FP prunes 3 of 16 pooled features (BackdoorBench's layer), ASR 0.999 -> 0.191,
+    ACC 0.949 -> 0.890 (AMD EPYC CPU, 2026-12-04). It lowers the backdoor by four fifths without
+    removing it. With 10 fine-tuning epochs the end point moved with the CPU: ASR 0.195 on the
+    2026-12-03 machine, 0.323 on this one, so the test runs the default length. On the weaker
     zoo v1 model it went further (ASR 0.995 -> 0.066, ACC 0.894 -> 0.712)."""
     run = zoo_badnets_run
     clean, sets = gtsrb_ten_per_class
     before = evaluate_model(run.module, run.variables, sets)
     fp = fine_pruning.fine_pruning(run.module, run.variables, clean, jax.random.key(0),
-                                   fine_pruning.FinePruningConfig(finetune=FinetuneConfig(epochs=10)))
+                                   fine_pruning.FinePruningConfig())
     after = evaluate_model(run.module, fp.variables, sets)
     print(f"before {before}; FP {after} ({fp.info['pruned_count']} pruned)")
     assert before.asr > 0.95
