@@ -358,8 +358,9 @@ def train_concurrently(names: list[str], jobs: int, out: Path, argv: list[str], 
     """Train ``names`` as ``jobs`` concurrent ``zoo.py --only NAME`` processes, the rest queued in order
     (``--jobs N --only A B C``: ``--only``'s order).
 
-    For an accelerator, which one small model's training steps leave mostly idle: a few
-    processes fill it (on a CPU they would compete for the same cores). Each process writes
+    For an accelerator that one small model's training does not fill: on one H200 the CIFAR-10
+    ResNet-20s trained at ~26,000 images/s in all 5 at a time and ~23,000 3 at a time (their
+    records); on a CPU the processes would compete for the same cores. Each process writes
     ``OUT/NAME.log``; the epochs they checkpoint are printed as they come. A process stopped by
     a signal to this one is stopped too, leaving its last epoch's state to resume from.
     Returns the names whose process failed.
