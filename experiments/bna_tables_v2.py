@@ -35,7 +35,8 @@ from bdjax.defenses import bna
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tables  # noqa: E402  (experiments/tables.py)
-from bna_tables import CIFAR_BADNETS_T1, PAPER, PAPER_DETECTION  # noqa: E402  (the paper's numbers, written once)
+from bna_tables import (CIFAR_BADNETS_T1, PAPER, PAPER_DETECTION,  # noqa: E402  (the paper's numbers, written once)
+                        default_threshold, trigger_kind)
 
 MODELS = ("resnet20-cifar10-badnets", "resnet20-cifar10-badnets-a2a", "resnet20-cifar10-cb", "resnet20-cifar10-sp",
           "resnet20-cifar10-blended", "resnet20-cifar10-wanet", "resnet20-cifar10-clean")
@@ -64,12 +65,8 @@ def paper_reference(cell: dict) -> dict | None:
             "model": "resnet18", "source": f"Li et al. (BNA), table {table[1] if table else '?'} (CIFAR-10 ResNet-18)"}
 
 
-def trigger_kind(attack: str) -> str:
-    return "patch" if attack in ("badnets", "trojan", "none") else "perturbation"
-
-
 def bna_overrides(attack: str, args) -> dict:
-    return {"threshold": args.threshold if args.threshold is not None else 3.0 if attack == "wanet" else 7.0,
+    return {"threshold": args.threshold if args.threshold is not None else default_threshold(attack),
             "reverse": {"kind": trigger_kind(attack), "batch_size": args.search_batch,
                         **({"steps": args.search_steps} if args.search_steps else {})}}
 
@@ -78,15 +75,11 @@ def evaluate_rule(run, registered: str, result, variables, sets) -> dict | None:
     """BNA's rows by the paper's test-time rule; other methods (None) by their repaired model's predictions."""
     if registered != "bna":
         return None
-    aligned, module, detection = result.info["aligned"], run.module, result.info["detection"]
-    rates = {"targets": detection["targets"], "top_pairs": detection["top_pairs"][:3],
-             "detect_seconds": result.info["detect_seconds"]}
-    if not len(sets.triggered):  # a clean model: the rule's ACC (table 9)
-        pred, flagged = bna.mitigated_predict(module, result.variables, aligned, sets.clean.images)
-        return {**rates, "acc": float(np.mean(pred == sets.clean.labels)), "asr": None, "sia": None,
-                "tpr": None, "fpr_all": float(np.mean(flagged))}
-    rule = bna.rule_rates(module, result.variables, aligned, sets)
-    return {**rates, **{k: (None if not np.isfinite(v) else float(v)) for k, v in rule.items()}}
+    detection = result.info["detection"]
+    rule = bna.rule_rates(run.module, result.variables, result.info["aligned"], sets)  # a clean model: ACC only
+    return {"targets": detection["targets"], "top_pairs": detection["top_pairs"][:3],
+            "detect_seconds": result.info["detect_seconds"],
+            **{k: (None if not np.isfinite(v) else float(v)) for k, v in rule.items()}}
 
 
 def markdown(record: tables.CellRecord, command: str) -> str:

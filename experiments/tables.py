@@ -143,9 +143,7 @@ def measure(run, name: str, attack: str, k: int, seed: int, methods: dict[str, t
                 defense_size=len(clean), eval_size=len(sets.clean), triggered_size=len(sets.triggered),
                 **(extra or {}))
     if before is None:
-        report = evaluate_model(run.module, run.variables, sets)
-        before = dict(base, method="none", acc=report.acc, asr=report.asr if math.isfinite(report.asr) else None,
-                      der=None, seconds=None)
+        before = dict(base, method="none", **_model_rates(run.module, run.variables, sets), der=None, seconds=None)
         record.add(before)
         print(line(before), flush=True)
     for method in todo:
@@ -159,13 +157,18 @@ def measure(run, name: str, attack: str, k: int, seed: int, methods: dict[str, t
                 continue
             rates = None if evaluate is None else evaluate(run, registered, result, variables, sets)
             if rates is None:
-                report = evaluate_model(run.module, variables, sets)
-                rates = {"acc": report.acc, "asr": report.asr if math.isfinite(report.asr) else None}  # None: clean model
+                rates = _model_rates(run.module, variables, sets)
             der = (None if rates["asr"] is None or before["asr"] is None else
                    defense_effectiveness_rating(before["acc"], before["asr"], rates["acc"], rates["asr"]))
             cell = dict(base, method=label, **rates, der=der, seconds=seconds if secs is None else secs, info=info)
             record.add(cell)
             print(line(cell), flush=True)
+
+
+def _model_rates(module, variables, sets) -> dict:
+    """ACC and ASR of the model's own predictions (ASR None on a clean model: no triggered inputs)."""
+    report = evaluate_model(module, variables, sets)
+    return {"acc": report.acc, "asr": report.asr if math.isfinite(report.asr) else None}
 
 
 def timed_defense(run, method, overrides: dict, clean, seed: int):

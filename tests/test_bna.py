@@ -22,6 +22,7 @@ from bdjax import attacks
 from bdjax.data.dataset import Dataset, to_float
 from bdjax.defenses import bna, reverse_engineer
 from bdjax.defenses.reverse_engineer import ReverseConfig, Trigger
+from bdjax.evaluation import TestSets
 from bdjax.models.inference import predict
 from bdjax.surgery import bn_units, unit_outputs
 
@@ -250,6 +251,11 @@ def test_bn_alignment_moves_only_batch_stats_and_lowers_the_divergence(tiny_mode
     np.testing.assert_array_equal(ruled[~at_target], plain[~at_target])
     np.testing.assert_array_equal(ruled[at_target], second[at_target])
     np.testing.assert_array_equal(flagged, at_target & (second != target))
+    # A clean model's test sets hold no triggered inputs: the rule's rates are its clean ones.
+    sets = TestSets.build(random_dataset, None, None)
+    rates = bna.rule_rates(module, variables, {target: stats}, sets)
+    assert rates["acc"] == np.mean(ruled == random_dataset.labels) and rates["fpr_all"] == flagged.mean()
+    assert np.isnan(rates["asr"]) and np.isnan(rates["sia"]) and np.isnan(rates["tpr"])
 
 
 def test_neurons_are_channels_pooled_over_positions_or_every_position(tiny_model, random_dataset):

@@ -403,14 +403,18 @@ def rule_rates(module, variables, aligned: dict, sets) -> dict:
     """ACC / ASR / SIA of the paper's rule (flagged inputs keep g_t(x)) on ``sets`` (``TestSets``),
     and its detector: ``tpr`` = flagged triggered inputs, ``fpr_target`` = flagged clean inputs
     among those with f(x) a detected target (the paper's table 8), ``fpr_all`` over all clean ones.
+    Without triggered inputs (a clean model's sets) ``asr``, ``sia`` and ``tpr`` are NaN.
     """
     clean_pred, clean_flag = mitigated_predict(module, variables, aligned, sets.clean.images)
-    trig_pred, trig_flag = mitigated_predict(module, variables, aligned, sets.triggered.images)
     at_target = np.isin(predict(module, variables, sets.clean.images), list(aligned))
-    return {"acc": np.mean(clean_pred == sets.clean.labels), "asr": np.mean(trig_pred == sets.targets),
-            "sia": np.mean(trig_pred == sets.triggered.labels), "tpr": trig_flag.mean(),
-            "fpr_target": clean_flag[at_target].mean() if at_target.any() else float("nan"),
-            "fpr_all": clean_flag.mean()}
+    rates = {"acc": np.mean(clean_pred == sets.clean.labels),
+             "fpr_target": clean_flag[at_target].mean() if at_target.any() else float("nan"),
+             "fpr_all": clean_flag.mean()}
+    if not len(sets.triggered):  # a clean model (no attack): only the rule's cost on clean inputs
+        return {**rates, "asr": float("nan"), "sia": float("nan"), "tpr": float("nan")}
+    trig_pred, trig_flag = mitigated_predict(module, variables, aligned, sets.triggered.images)
+    return {**rates, "asr": np.mean(trig_pred == sets.targets), "sia": np.mean(trig_pred == sets.triggered.labels),
+            "tpr": trig_flag.mean()}
 
 
 # --------------------------------------------------------------------------- the defense
