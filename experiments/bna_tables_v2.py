@@ -134,8 +134,7 @@ def main(argv=None):
     parser.add_argument("--record", default=RECORD, help="results/NAME.{json,md}")
     args = parser.parse_args(argv)
 
-    zoo = tables.ZOO_DIRS["v2"]
-    names = args.only or [n for n in MODELS if (zoo / n / "record.json").exists()]
+    names = args.only or tables.trained(MODELS)
     record = tables.CellRecord(tables.RESULTS / f"{args.record}.json",
                                {"zoo": "v2", "eval_limit": args.eval_limit, "search_batch": args.search_batch,
                                 "search_steps": args.search_steps, "threshold": args.threshold})

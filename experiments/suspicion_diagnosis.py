@@ -114,8 +114,7 @@ def main(argv=None):
     parser.add_argument("--images", type=int, default=200, help="clean non-target images for TAC")
     parser.add_argument("--eval-limit", type=int, default=2000)
     args = parser.parse_args(argv)
-    zoo = tables.ZOO_DIRS["v2"]
-    names = args.only or [n for n in MODELS if (zoo / n / "record.json").exists()]
+    names = args.only or tables.trained(MODELS)
     record = tables.CellRecord(tables.RESULTS / f"{RECORD}.json", {"images": args.images, "eval_limit": args.eval_limit})
     for name in names:
         run = tables.zoo_run("v2", name)

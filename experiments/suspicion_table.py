@@ -110,9 +110,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     overrides = parse_overrides(args.set)
 
-    zoo = tables.ZOO_DIRS[args.zoo]
-    names = args.only or [n for n in MODELS if (zoo / n / "record.json").exists()]
-    missing = [n for n in MODELS if not (zoo / n / "record.json").exists()]
+    available = tables.trained(MODELS, args.zoo)
+    names = args.only or available
+    missing = [n for n in MODELS if n not in available]
     if missing and not args.only:
         print(f"not in zoo {args.zoo} (yet): {', '.join(missing)}")
     record = tables.CellRecord(tables.RESULTS / f"{args.record}.json",

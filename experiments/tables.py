@@ -41,6 +41,11 @@ def zoo_run(zoo: str, name: str) -> checkpoint.Run:
     return checkpoint.load(path)
 
 
+def trained(names, zoo: str = "v2") -> list[str]:
+    """The runs of ``names`` that zoo ``zoo`` holds (trained), in order."""
+    return [name for name in names if (ZOO_DIRS[zoo] / name / checkpoint.RECORD_FILE).is_file()]
+
+
 def commit(*paths: str) -> str:
     """The repository's commit, '+dirty' when the working tree has uncommitted changes to tracked
     files (with ``paths``: any change under them, new files included; relative to this folder)."""

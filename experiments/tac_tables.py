@@ -326,8 +326,7 @@ def tac_with_true_trigger(run, clean, key):
 
 
 def main_v2(args):
-    zoo = tables.ZOO_DIRS["v2"]
-    names = [n for n in args.only if (zoo / n / "record.json").exists()]
+    names = tables.trained(args.only)
     missing = [n for n in args.only if n not in names]
     if missing:
         print(f"not in zoo v2 (yet): {', '.join(missing)}")
