@@ -321,9 +321,11 @@ def write_table(zoo_dir: Path = ZOO_DIR, variant: str = "v1") -> Path:
         "on the machine named in `backend` (a 2-core CPU here; other jobs may have shared it, and",
         "rows from before images/s was recorded show —).",
         *(["`gpu` rows: one NVIDIA H200 lent for a session, `--jobs 5` (then `--jobs 3`) concurrent",
-           "processes, so images/s is one process's share of the GPU; XLA's default float32 precision",
-           "there (which lets cuDNN use TF32). Three of them re-evaluated on the CPU moved ACC / ASR by at most",
-           "0.0005 (`device-logs/`: the runs' logs, GPU utilisation, the CPU re-evaluation)."]
+           "processes, so images/s is one process's share of the GPU (WaNet, in a later session: beside two",
+           "`recipe_checks.py` trainings; its first copy, ACC 0.8500 / ASR 0.9642, was lost in the transfer",
+           "back, and this is the retrained one); XLA's default float32 precision there (which lets cuDNN use",
+           "TF32). Four of them re-evaluated on the CPU moved ACC / ASR by at most 0.0005 (`device-logs/`:",
+           "the runs' logs, GPU utilisation, the CPU re-evaluation)."]
           if (zoo_dir / "device-logs").is_dir() else []),
         "",
         *(["Bar: issue 27's minimum for default-recipe ResNet-20s (GTSRB ACC >= 0.96, ASR >= 0.95, "
