@@ -34,3 +34,18 @@ def test_table_without_data_reads_clean_and_backdoored_records(tmp_path, monkeyp
     assert rows["zoo-v2/resnet20-cifar10-badnets"]["asr"] > 0.9
     line = next(li for li in path.read_text().splitlines() if li.startswith("| recipe-checks/r20-cifar10-clean-40ep"))
     assert "| – |" in line  # no ASR, no target share: a dash, not a crash or a number
+
+
+def test_a_bare_run_trains_no_accelerator_check_and_no_committed_one(tmp_path, monkeypatch):
+    trained = []
+    monkeypatch.setattr(recipe_checks, "train_run", lambda spec, out, *a, **k: trained.append(out.name))
+    monkeypatch.setattr(recipe_checks, "write_table", lambda out, data_dir=None: tmp_path / "table.md")
+    assert recipe_checks.main(["--out", str(tmp_path)]) == 0
+    assert trained == [n for n in recipe_checks.CHECKS if "-gtsrb-" in n]
+    trained.clear()
+    assert recipe_checks.main(["--out", str(tmp_path), "--only", "p18-cifar10-clean-40ep-b256"]) == 0
+    assert trained == ["p18-cifar10-clean-40ep-b256"]
+    if (recipe_checks.COMMITTED / "r20-cifar10-clean-40ep-b256" / "record.json").is_file():
+        trained.clear()
+        recipe_checks.main(["--out", str(tmp_path), "--only", "r20-cifar10-clean-40ep-b256"])
+        assert trained == []
