@@ -87,11 +87,11 @@ def measured(path: Path, record: dict, data_dir, known: dict) -> dict:
     from bdjax.models.inference import predict
     run = checkpoint.load(path)
     train = _split(record["dataset"], "train", data_dir)  # one load per dataset, not per row
-    test = _split(record["dataset"], "test", data_dir)
-    labels, predicted = np.asarray(test.labels), predict(run.module, run.variables, test.images)
     fit_acc = float((predict(run.module, run.variables, train.images) == np.asarray(train.labels)).mean())
     if run.target is None:  # a clean model: no target to pull errors to
         return {"fit_acc": fit_acc, "errors_to_target": None}
+    test = _split(record["dataset"], "test", data_dir)
+    labels, predicted = np.asarray(test.labels), predict(run.module, run.variables, test.images)
     wrong = (predicted != labels) & (labels != run.target.target)
     return {"fit_acc": fit_acc,
             "errors_to_target": float((predicted[wrong] == run.target.target).mean()) if wrong.any() else None}
@@ -101,7 +101,8 @@ def row(name: str, record: dict) -> dict:
     config = record["train_config"]
     steps = TrainConfig(**config).steps_per_epoch(record["train_size"]) * config["epochs"]
     final = record["history"][-1]
-    return {"run": name, "model": record["model"], "train_size": record["train_size"], "epochs": config["epochs"], "steps": steps,
+    return {"run": name, "model": record["model"], "train_size": record["train_size"], "epochs": config["epochs"],
+            "steps": steps,
             "crop_padding": config["crop_padding"], "batch_size": config["batch_size"],
             "learning_rate": config["learning_rate"], "train_accuracy": final["accuracy"],
             "weight_decay": config["weight_decay"], "dataset": record["dataset"],
@@ -111,10 +112,10 @@ def row(name: str, record: dict) -> dict:
 
 
 def _config_fields(spec: RunSpec) -> dict:
-    """The batch and peak rate of a check's spec (for stored rows from before the record had them)."""
+    """The model, batch and peak rate of a check's spec (for stored rows from before the record had them)."""
     config = recipes.get(spec.recipe).train_config(spec.dataset, batch_size=spec.batch_size,
                                                    learning_rate=spec.learning_rate)
-    return {"batch_size": config.batch_size, "learning_rate": config.learning_rate}
+    return {"model": spec.model, "batch_size": config.batch_size, "learning_rate": config.learning_rate}
 
 
 def _cell(value, spec: str) -> str:
@@ -164,11 +165,11 @@ def write_table(out: Path, data_dir=None) -> Path:
         "PreAct-ResNet-18 would separate the two. Seconds on the shared 2-core CPU (`cpu`) or one process",
         "of several sharing a lent H200 (`gpu`, `--only` runs of this script).",
         "",
-        "| run | model | dataset | train size | epochs | batch | peak lr | steps | crop | weight decay | train acc. | fit ACC "
-        "| → target | ACC | ASR | train s | backend |",
+        "| run | model | dataset | train size | epochs | batch | peak lr | steps | crop | weight decay | train acc. "
+        "| fit ACC | → target | ACC | ASR | train s | backend |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-        *(f"| {r['run']} | {r.get('model', 'resnet20')} | {r['dataset']} | {r['train_size']} | {r['epochs']} | {_cell(r.get('batch_size'), 'd')} | "
-          f"{_cell(r.get('learning_rate'), 'g')} | {r['steps']} | {r['crop_padding']} | "
+        *(f"| {r['run']} | {r['model']} | {r['dataset']} | {r['train_size']} | {r['epochs']} | "
+          f"{_cell(r['batch_size'], 'd')} | {_cell(r['learning_rate'], 'g')} | {r['steps']} | {r['crop_padding']} | "
           f"{r['weight_decay']:g} | {r['train_accuracy']:.4f} | {_cell(r['fit_acc'], '.4f')} | "
           f"{_cell(r.get('errors_to_target'), '.1%')} | {_cell(r['acc'], '.4f')} | {_cell(r['asr'], '.4f')} | "
           f"{r['train_seconds']:.0f} | {r.get('backend') or 'cpu'} |" for r in rows),

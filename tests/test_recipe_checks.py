@@ -16,10 +16,10 @@ _spec.loader.exec_module(recipe_checks)
 
 def test_checks_set_batch_and_rate_of_the_recipe_they_override():
     fields = recipe_checks._config_fields(recipe_checks.CHECKS["r20-cifar10-clean-100ep-b256"])
-    assert fields == {"batch_size": 256, "learning_rate": 0.2}
+    assert fields == {"model": "resnet20", "batch_size": 256, "learning_rate": 0.2}
     # A check without overrides takes the default recipe's (batch 64, peak rate 0.05).
     assert recipe_checks._config_fields(recipe_checks.CHECKS["r20-gtsrb-12k-3ep"]) == {
-        "batch_size": 64, "learning_rate": 0.05}
+        "model": "resnet20", "batch_size": 64, "learning_rate": 0.05}
 
 
 def test_table_without_data_reads_clean_and_backdoored_records(tmp_path, monkeypatch):
