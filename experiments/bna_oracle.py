@@ -7,6 +7,12 @@ or with a trigger re-estimated from chosen source classes (the full defense's la
         --reestimate-steps 300 1000 3000
     python experiments/bna_oracle.py --run medium-bn-gtsrb-badnets --epochs 10 --lr 0.03 --neurons position
     python experiments/bna_oracle.py --run resnet20-gtsrb-badnets --divergence --clean-run resnet20-gtsrb-clean
+    python experiments/bna_oracle.py --run resnet20-cifar10-badnets-a2a --clean-per-class 100 \
+        --eval-limit all --seed 0 --record bna_oracle_v2      # one JSON row per (model, seed, epochs)
+
+Models come from zoo v2 (``--zoo v1``: the first zoo, which results/bna_tables.md used). With
+``--record`` the true trigger's rows are kept in ``results/NAME.json`` (the diagnosis of the
+results book reads them); rows already there are skipped.
 
 Defense set: 10 clean test images per class (``--clean-per-class``; 100 on CIFAR-10 is the paper's
 table-1 "10% of the test set"); alignment on those not of the target class
@@ -33,13 +39,14 @@ from __future__ import annotations
 import argparse
 import ast
 import os
+import shlex
+import sys
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from bdjax import checkpoint
 from bdjax.data.dataset import to_float
 from bdjax.defenses import bna
 from bdjax.defenses.reverse_engineer import ReverseConfig, oracle_trigger
@@ -47,17 +54,31 @@ from bdjax.runs import split_for_defense
 from bdjax.surgery import bn_units
 from bna_tables import divergence_markdown
 
-ZOO_DIR = Path(__file__).resolve().parent / "zoo"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tables  # noqa: E402  (experiments/tables.py)
+
+
+def _eval_limit(text: str) -> int | None:
+    return None if text == "all" else int(text)
+
+
+def _finite(rates: dict) -> dict:
+    """JSON-safe rates: NaN (no triggered image, or none sent to a target) as None."""
+    return {k: float(v) if np.isfinite(v) else None for k, v in rates.items()}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=os.environ.get("BDJAX_DATA_DIR"))
     parser.add_argument("--run", default="resnet20-gtsrb-badnets")
+    parser.add_argument("--zoo", choices=sorted(tables.ZOO_DIRS), default="v2",
+                        help="v1: the first zoo (the commands in results/bna_tables.md)")
+    parser.add_argument("--seed", type=int, default=0, help="the defense set's draw")
     parser.add_argument("--epochs", type=int, nargs="+", default=[10])
     parser.add_argument("--lr", type=float, default=bna.BNAConfig.learning_rate)
     parser.add_argument("--neurons", default="channel", choices=bna.NEURONS)
-    parser.add_argument("--eval-limit", type=int, default=1000)
+    parser.add_argument("--eval-limit", type=_eval_limit, default=1000,
+                        help="stratified evaluation images, or 'all' (the rest of the test split)")
     parser.add_argument("--clean-per-class", type=int, default=10, help="defense-set images per class")
     parser.add_argument("--divergence", action="store_true", help="print the table-13 divergences per BN layer")
     parser.add_argument("--clean-run", help="zoo run of a clean model for the table's clean-DNN row")
@@ -69,11 +90,26 @@ def main(argv=None):
     parser.add_argument("--each", action="store_true", help="with --restarts: also align on each re-estimate alone")
     parser.add_argument("--reverse", default="{}",
                         help="other ReverseConfig fields of the re-estimate, e.g. \"{'cost_up': 1.0}\"")
+    parser.add_argument("--record", default=None,
+                        help="also keep each aligned row in results/NAME.json (skipped when already there)")
     args = parser.parse_args(argv)
     reverse = ast.literal_eval(args.reverse)
-    run = checkpoint.load(ZOO_DIR / args.run)
+    run = tables.zoo_run(args.zoo, args.run)
+    record = None
+    if args.record:
+        if args.divergence or args.reestimate_from:
+            raise SystemExit("--record keeps the true trigger's alignment rows only (no --divergence, --reestimate-from)")
+        record = tables.CellRecord(tables.RESULTS / f"{args.record}.json",
+                                   {"zoo": args.zoo, "eval_limit": args.eval_limit, "lr": args.lr,
+                                    "neurons": args.neurons})
+        todo = [e for e in args.epochs if not record.find(run=args.run, k=args.clean_per_class, seed=args.seed,
+                                                              epochs=e)]
+        if not todo:
+            print(f"{args.run} seed {args.seed}: every row is in {record.path.name}")
+            return
+        args.epochs = todo
     patch_attack = hasattr(run.attack, "mask")
-    clean, sets = split_for_defense(run, args.clean_per_class, 0, args.data_dir, eval_limit=args.eval_limit)
+    clean, sets = split_for_defense(run, args.clean_per_class, args.seed, args.data_dir, eval_limit=args.eval_limit)
     try:
         true_trigger = oracle_trigger(run.attack, clean.images.shape[1:])
     except ValueError as error:
@@ -127,23 +163,24 @@ def main(argv=None):
 
     def rates(aligned):
         r = bna.rule_rates(run.module, run.variables, aligned, sets)
-        return f"ACC {r['acc']:.3f} ASR {r['asr']:.3f} SIA {r['sia']:.3f} flagged {r['tpr']:.3f}"
+        return r, f"ACC {r['acc']:.3f} ASR {r['asr']:.3f} SIA {r['sia']:.3f} flagged {r['tpr']:.3f}"
 
-    print(f"{args.run}, no defense: {rates({})}", flush=True)
-    tables = {}
+    undefended, text = rates({})
+    print(f"{args.run}, no defense: {text}", flush=True)
+    divergences = {}
     if args.divergence:
         to_target = sets.targets == target  # all-to-all: the triggered images sent to class `target`
         clean_eval = to_float(sets.clean.images[sets.clean.labels != target][:200])
         triggered_eval = to_float(sets.triggered.images[to_target][:200])
         if args.clean_run:
-            other = checkpoint.load(ZOO_DIR / args.clean_run)
+            other = tables.zoo_run(args.zoo, args.clean_run)
             if other.record["spec"]["attack"] != "none" or other.dataset != run.dataset:
                 raise SystemExit(f"--clean-run {args.clean_run}: need a clean {run.dataset} model")
             other_edges = bna.clean_edges(other.module, other.variables, to_float(clean.images),
                                           bn_units(other.module), neurons=args.neurons)
-            tables["clean model"] = bna.divergence_table(other.module, other.variables, clean_eval,
+            divergences["clean model"] = bna.divergence_table(other.module, other.variables, clean_eval,
                                                          triggered_eval, other_edges, neurons=args.neurons)
-        tables["poisoned"] = bna.divergence_table(run.module, run.variables, clean_eval, triggered_eval, edges,
+        divergences["poisoned"] = bna.divergence_table(run.module, run.variables, clean_eval, triggered_eval, edges,
                                                   neurons=args.neurons)
     for name, trigger in triggers():
         for epochs in args.epochs:
@@ -156,16 +193,25 @@ def main(argv=None):
                                                            jax.random.key(1), config)
             stats = aligned[target]
             seconds = time.perf_counter() - started
-            print(f"{name}, epochs {epochs}, lr {args.lr:g}, {args.neurons}: {rates(aligned)}; "
+            measured, text = rates(aligned)
+            print(f"{name}, epochs {epochs}, lr {args.lr:g}, {args.neurons}: {text}; "
                   f"batch loss {losses[0]:.2f} -> {losses[-1]:.2f}; align {seconds:.0f} s ({len(aligned)} targets)",
                   flush=True)
+            if record is not None:
+                record.add({"run": args.run, "attack": run.record["spec"]["attack"], "dataset": run.dataset,
+                            "target_mode": run.target.mode, "k": args.clean_per_class, "seed": args.seed,
+                            "defense_size": len(clean), "eval_size": len(sets.clean), "epochs": epochs,
+                            "aligned_targets": sorted(aligned), "seconds": seconds,
+                            "undefended": _finite(undefended), **_finite(measured),
+                            "command": "python experiments/bna_oracle.py " + shlex.join(sys.argv[1:] if argv is None
+                                                                                       else argv)})
             if args.divergence:
                 label = "BNA oracle" if name == "true trigger" else f"BNA, {name}"
-                tables[f"{label}, {epochs} epochs"] = bna.divergence_table(
+                divergences[f"{label}, {epochs} epochs"] = bna.divergence_table(
                     run.module, run.variables, clean_eval, triggered_eval, edges, aligned_stats=stats,
                     neurons=args.neurons)
-    if tables:
-        print(divergence_markdown(tables), flush=True)
+    if divergences:
+        print(divergence_markdown(divergences), flush=True)
 
 
 if __name__ == "__main__":

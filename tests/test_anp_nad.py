@@ -161,6 +161,11 @@ def test_learned_masks_stay_in_unit_interval(anp_result):
     values = np.concatenate([np.asarray(m) for m in anp_result.info["masks"].values()])
     assert values.min() >= 0.0 and values.max() <= 1.0
     assert np.any(values == 0.0) and np.any(values < 1.0)  # clipping was active, masks moved
+    info = anp_result.info  # the spread a record keeps (the masks themselves are not scalars)
+    assert info["mask_count"] == values.size
+    assert info["mask_q10"] == pytest.approx(np.quantile(values, 0.1))
+    assert info["mask_median"] == pytest.approx(np.median(values))
+    assert info["mask_q10"] <= info["mask_median"] <= info["mask_q90"]
     history = anp_result.info["history"]
     assert history["natural_loss"].shape == history["robust_loss"].shape == (3,)
 

@@ -42,11 +42,12 @@ def test_the_diagnosis_reads_the_stored_records_and_names_the_missing_ones(book,
     text = diagnosis.section()
     assert text.startswith("## Diagnosis") and "**FT on GTSRB BadNets" in text and "**CETF clean false positives" in text
     assert "**TAC on zoo v2" in text and "**Suspiciousness pruning" in text
+    assert "**ANP with 10 clean CIFAR-10 images" in text and "**BNA on all-to-all BadNets" in text
     monkeypatch.setattr(diagnosis, "RESULTS", tmp_path)  # no records: each paragraph names its command
     empty = diagnosis.section()
-    assert empty.count("Record missing") + empty.count("Records missing") == 6
+    assert empty.count("Record missing") + empty.count("Records missing") == 8
     assert "tsbd_tables.py" in empty and "cetf_tables.py" in empty and "tac_tables.py" in empty
-    assert "suspicion_diagnosis.py" in empty
+    assert "suspicion_diagnosis.py" in empty and "bna_tables_v2.py" in empty
 
 
 def test_tsbd_paper_rows_agree_with_their_own_der(monkeypatch):

@@ -273,9 +273,13 @@ def anp(module, variables, clean: Dataset, key, config: AnpConfig = AnpConfig())
     keep = keep_masks(masks, threshold)
     new_params = masked_params(variables["params"], units, keep)
     pruned = {name: [int(c) for c in np.flatnonzero(np.asarray(k) == 0)] for name, k in keep.items()}
+    flat = np.concatenate([np.asarray(m).ravel() for m in masks.values()])
     return DefenseResult({**variables, "params": new_params}, info={
         "masks": jax.device_get(masks), "threshold": threshold, "val_accuracy": val_accuracy,
         "fit_size": len(fit), "val_size": 0 if val is None else len(val),
         "pruned": pruned, "pruned_count": sum(map(len, pruned.values())),
+        # The learned masks' spread (all neurons), so that a record shows how far they moved.
+        "mask_count": int(flat.size), "mask_median": float(np.median(flat)),
+        "mask_q10": float(np.quantile(flat, 0.1)), "mask_q90": float(np.quantile(flat, 0.9)),
         "history": jax.device_get(history),
     })
