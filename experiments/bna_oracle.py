@@ -179,9 +179,9 @@ def main(argv=None):
             other_edges = bna.clean_edges(other.module, other.variables, to_float(clean.images),
                                           bn_units(other.module), neurons=args.neurons)
             divergences["clean model"] = bna.divergence_table(other.module, other.variables, clean_eval,
-                                                         triggered_eval, other_edges, neurons=args.neurons)
-        divergences["poisoned"] = bna.divergence_table(run.module, run.variables, clean_eval, triggered_eval, edges,
-                                                  neurons=args.neurons)
+                                                              triggered_eval, other_edges, neurons=args.neurons)
+        divergences["poisoned"] = bna.divergence_table(run.module, run.variables, clean_eval, triggered_eval,
+                                                       edges, neurons=args.neurons)
     for name, trigger in triggers():
         for epochs in args.epochs:
             config = bna.BNAConfig(epochs=epochs, learning_rate=args.lr, neurons=args.neurons)
