@@ -396,8 +396,16 @@ def bna_all_to_all() -> str:
              f"`bna_oracle_v2`): ASR {tables.mean_std([c['asr'] for c in oracle], digits=1)} at "
              f"{tables.mean_std(cost, digits=1, count=False)} ACC points.")
     if np.mean([c["asr"] for c in oracle]) < 0.2:
-        text += (" The alignment works once every pair is known, so what is lost is detection: the MAD rule "
-                 "finds about half of the ten pairs on this model.")
+        undefended = [c["asr"] for c in _cells("bna_tables_v2") if c["run"] == run and c["method"] == "none"]
+        left = 100 * np.mean(undefended) * (1 - np.mean(detected) / 10)
+        full_asr = 100 * np.mean([c["asr"] for c in full])
+        text += (" The alignment works once every pair is known, so detection is what is lost: the MAD rule "
+                 f"finds {np.mean(detected):.0f} of the ten pairs on this model. The undefended ASR times the "
+                 f"undetected share of the pairs is {left:.1f} (if the pairs' ASRs are alike)")
+        text += (f", about the {full_asr:.1f} the full defense leaves: the detected pairs' re-estimated triggers "
+                 "do their part." if abs(left - full_asr) < 10 else
+                 f", and the full defense leaves {full_asr:.1f}: the detected pairs' re-estimated triggers fall "
+                 "short as well.")
     else:
         text += " Even with every pair known the alignment leaves the backdoor: the step that fails is alignment."
     return text
