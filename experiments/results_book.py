@@ -51,12 +51,17 @@ VERDICT_RULE = (
     "cost within the near bound (the paper's comparison does not hold there); below it at a larger cost "
     "the backdoor went with the model. \"Setting\" says whether dataset and architecture are the "
     "paper's; where they are not, the verdict compares with the paper's numbers for another setting "
-    "and says less. \"Stats\" says whether the row meets SPEC.md's statistics (at least 3 seeds).")
+    "and says less. \"Stats\" says whether the row meets SPEC.md's statistics (at least 3 seeds). "
+    "**No backdoor to remove**: our undefended model's ASR is below 50% (the attack did not plant at the "
+    "paper's setting), so the row compares nothing.")
 MIN_SEEDS = 3
+NO_BACKDOOR_ASR = 0.5
 
 
-def verdict(asr: float, cost: float, paper_asr: float, paper_cost: float) -> str:
+def verdict(asr: float, cost: float, paper_asr: float, paper_cost: float, undefended_asr: float = 1.0) -> str:
     """VERDICT_RULE for rates in [0, 1]."""
+    if undefended_asr < NO_BACKDOOR_ASR:
+        return "no backdoor to remove"
     asr_gap, cost_gap = asr - paper_asr, cost - paper_cost
     if asr_gap <= 0.05 + 1e-9 and cost_gap <= 0.03 + 1e-9:
         found = "reproduced"
@@ -98,6 +103,7 @@ def measured_summary() -> str:
                 continue
             paired = [(c, before[c["run"], c["k"], c["seed"]]) for c in group if (c["run"], c["k"], c["seed"]) in before]
             undefended = " / ".join(f"{100 * np.mean([b[key] for _, b in paired]):.1f}" for key in ("acc", "asr"))
+            undefended_asr = np.mean([b["asr"] for _, b in paired])
             asr = [c["asr"] for c, _ in paired]
             cost = [b["acc"] - c["acc"] for c, b in paired]
             paper_cost = paper["acc_before"] - paper["acc"]
@@ -106,7 +112,7 @@ def measured_summary() -> str:
                         f"{100 * paper['asr']:.1f} / {100 * paper_cost:.1f} | {tables.mean_std(asr, digits=1, count=False)} / {tables.mean_std(cost, digits=1, count=False)} "
                         f"| {len(paired)} | {'yes' if len(paired) >= MIN_SEEDS else 'no: < 3 seeds'} "
                         f"| {'same' if same else 'paper: ' + paper['dataset'] + ' ' + paper['model']} "
-                        f"| {verdict(np.mean(asr), np.mean(cost), paper['asr'], paper_cost)} | `{source}` |")
+                        f"| {verdict(np.mean(asr), np.mean(cost), paper['asr'], paper_cost, undefended_asr)} | `{source}` |")
     lines = ["## Summary: paper vs ours (generated from the records)", "",
              VERDICT_RULE, "",
              "ASR after the defense / ACC cost, in points (%). Ours: mean ± sample std over seeds "

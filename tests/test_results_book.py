@@ -34,6 +34,8 @@ def test_a_row_far_below_the_papers_asr_is_flagged_and_a_destroyed_model_is_not_
     assert book.verdict(0.0, 0.01, paper_asr=0.25, paper_cost=0.015) == "reproduced (stronger)"
     assert book.verdict(0.0, 0.96, paper_asr=0.25, paper_cost=0.015) == "not (backdoor gone with the model)"
     assert book.verdict(0.06, 0.01, paper_asr=0.25, paper_cost=0.015) == "reproduced"  # 19 points below
+    # An attack that did not plant (CIFAR-10 CB at 2/255: undefended ASR 0.02) compares nothing.
+    assert book.verdict(0.02, 0.0, paper_asr=0.013, paper_cost=0.006, undefended_asr=0.02) == "no backdoor to remove"
 
 
 def test_the_diagnosis_reads_the_stored_records_and_names_the_missing_ones(book, monkeypatch, tmp_path):
