@@ -31,6 +31,13 @@ def _pick(cells, run, method, k=15):
                   key=lambda c: c["seed"])
 
 
+def _acc_costs(defended: list[dict], cells: list[dict]) -> list[float]:
+    """ACC each defended cell lost against the undefended cell of its run, k and seed in ``cells``."""
+    key = lambda c: (c["run"], c["k"], c["seed"])  # noqa: E731
+    before = {key(c): c["acc"] for c in cells if c["method"] == "none"}
+    return [before[key(c)] - c["acc"] for c in defended if key(c) in before]
+
+
 def _steps(clean_size: int, epochs: int) -> int:
     from bdjax.defenses.finetune import FinetuneConfig
 
@@ -63,8 +70,7 @@ def _fine_tuning_cifar() -> str:
     if not ft:
         return (" Not yet separated (the slides' FT row is CIFAR-10 PreAct-ResNet-18 only): FT on zoo v2's "
                 f"CIFAR-10 ResNet-20 (`python experiments/tsbd_tables.py --only {run}`), which tells dataset from method.")
-    before = {c["seed"]: c["acc"] for c in cells if c["run"] == run and c["method"] == "none" and c["k"] == ft[0]["k"]}
-    cost = [before[c["seed"]] - c["acc"] for c in ft if c["seed"] in before]
+    cost = _acc_costs(ft, cells)
     from bdjax.defenses.finetune import FinetuneConfig
 
     size = ft[0]["defense_size"]
@@ -78,9 +84,7 @@ def _fine_tuning_cifar() -> str:
     if not larger:
         return text + (" Not yet run: FT with the slides' 5% (`python experiments/tsbd_tables.py --only "
                        f"{run} --clean-per-class 250 --methods ft --record tsbd_ablation`).")
-    k = larger[0]["k"]
-    before = {c["seed"]: c["acc"] for c in ablation if c["run"] == run and c["method"] == "none" and c["k"] == k}
-    cost = [before[c["seed"]] - c["acc"] for c in larger if c["seed"] in before]
+    cost = _acc_costs(larger, ablation)
     asr = [c["asr"] for c in larger]
     big = larger[0]["defense_size"]
     text += (f" With the slides' clean-set size ({big} images, about {_steps(big, FinetuneConfig.epochs)} steps; "
@@ -361,8 +365,8 @@ def anp() -> str:
         return text + (f" Not yet run: ANP's own clean set, 1% of the training split (`{ANP_COMMAND} "
                        "--clean-per-class 50 --seeds 0 --record anp_diagnosis_paper_setting`), which separates "
                        "the 10-image setting from the implementation.")
-    undefended = [c for c in _cells("anp_diagnosis_paper_setting") if c["method"] == "none" and c["k"] == 50]
-    cost = np.mean([c["acc"] for c in undefended]) - np.mean([c["acc"] for c in own])
+    reference = _cells("anp_diagnosis_paper_setting")  # its undefended cell is the eps records' too
+    cost = np.mean(_acc_costs(own, reference))
     asr = np.mean([c["asr"] for c in own])
     text += (f" With ANP's own clean set (1% of the training split's size: 500 test images, k = 50, 2,000 "
              f"iterations of batch 128, threshold 0.2): {masks(own)}, {_anp_rates(own)}.")
@@ -374,28 +378,28 @@ def anp() -> str:
                  "16-64-channel layers (the paper's ResNet-18 is the separating run) or the implementation.")
     else:
         text += f" ({100 * cost:.1f} ACC points.)"
-    return text + _anp_eps(undefended, masks)
+    return text + _anp_eps(reference, masks)
 
 
 ANP_EPS_RECORDS = {"anp_diagnosis_eps02": 0.2, "anp_diagnosis_eps01": 0.1}
 
 
-def _anp_eps(undefended: list[dict], masks) -> str:
-    """The 500-image setting with a weaker neuron perturbation (an ablation, chosen after the collapse)."""
-    rows, works, medians = [], [], []
+def _anp_eps(reference: list[dict], masks) -> str:
+    """The 500-image setting with a weaker neuron perturbation (an ablation, chosen after the collapse);
+    ACC costs against the undefended cell of ``reference`` (the same model, clean set and evaluation set)."""
+    rows, found, medians = [], [], []
     for record, eps in ANP_EPS_RECORDS.items():
         cells = _anp_cells(record, k=50)
         if cells:
             medians += [c["info"]["mask_median"] for c in cells if "mask_median" in c["info"]]
             rows.append(f"eps {eps}: {masks(cells)}, {_anp_rates(cells)}")
-            cost = np.mean([c["acc"] for c in undefended]) - np.mean([c["acc"] for c in cells])
-            works.append(eps if np.mean([c["asr"] for c in cells]) < 0.2 and cost < 0.1 else None)
+            if np.mean([c["asr"] for c in cells]) < 0.2 and np.mean(_acc_costs(cells, reference)) < 0.1:
+                found.append(eps)
     if not rows:
         return (f" Not yet run: the same with a weaker perturbation (`{ANP_COMMAND} --clean-per-class 50 --seeds 0 "
                 "--set anp.eps=0.2 --record anp_diagnosis_eps02`, and 0.1: an ablation).")
     text = (" With a weaker neuron perturbation than the paper's eps 0.4 (an ablation chosen after seeing the "
             "collapse, not ANP's result; same 500 images): " + "; ".join(rows) + ".")
-    found = [eps for eps in works if eps is not None]
     if found:
         return text + (f" At eps {max(found)} ANP removes the backdoor and keeps the model, which fits the paper's "
                        "eps (set for ResNet-18) being too strong a perturbation for ResNet-20's thin layers.")

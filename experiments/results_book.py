@@ -102,8 +102,8 @@ def measured_summary() -> str:
             if method == "none" or paper is None:
                 continue
             paired = [(c, before[c["run"], c["k"], c["seed"]]) for c in group if (c["run"], c["k"], c["seed"]) in before]
-            undefended = " / ".join(f"{100 * np.mean([b[key] for _, b in paired]):.1f}" for key in ("acc", "asr"))
-            undefended_asr = np.mean([b["asr"] for _, b in paired])
+            undefended_acc, undefended_asr = (np.mean([b[key] for _, b in paired]) for key in ("acc", "asr"))
+            undefended = f"{100 * undefended_acc:.1f} / {100 * undefended_asr:.1f}"
             asr = [c["asr"] for c, _ in paired]
             cost = [b["acc"] - c["acc"] for c, b in paired]
             paper_cost = paper["acc_before"] - paper["acc"]
