@@ -67,6 +67,8 @@ def _fine_tuning_cifar() -> str:
     cells = _cells("tsbd_tables")
     run = "resnet20-cifar10-badnets"
     ft = [c for c in cells if c["run"] == run and c["method"] == "ft"]
+    # The table's smallest clean set (1% of the training split); the 5% cells are the comparison below.
+    ft = [c for c in ft if c["defense_size"] == min(c["defense_size"] for c in ft)]
     if not ft:
         return (" Not yet separated (the slides' FT row is CIFAR-10 PreAct-ResNet-18 only): FT on zoo v2's "
                 f"CIFAR-10 ResNet-20 (`python experiments/tsbd_tables.py --only {run}`), which tells dataset from method.")

@@ -50,7 +50,8 @@ VERDICT_RULE = (
     "otherwise. \"stronger\" marks a row whose ASR is 20 or more points below the paper's at an ACC "
     "cost within the near bound (the paper's comparison does not hold there); below it at a larger cost "
     "the backdoor went with the model. \"Setting\" says whether dataset and architecture are the "
-    "paper's; where they are not, the verdict compares with the paper's numbers for another setting "
+    "paper's, and where the defender's clean set is not the paper's size (TSBD's table: 5% of the "
+    "training split); where they are not, the verdict compares with the paper's numbers for another setting "
     "and says less. \"Stats\" says whether the row meets SPEC.md's statistics (at least 3 seeds). "
     "**No backdoor to remove**: our undefended model's ASR is below 50% (the attack did not plant at the "
     "paper's setting), so the row compares nothing.")
@@ -111,7 +112,8 @@ def measured_summary() -> str:
             rows.append(f"| {method} | {group[0]['attack']} | {run} ({group[0]['dataset']}), k = {k} | {undefended} | "
                         f"{100 * paper['asr']:.1f} / {100 * paper_cost:.1f} | {tables.mean_std(asr, digits=1, count=False)} / {tables.mean_std(cost, digits=1, count=False)} "
                         f"| {len(paired)} | {'yes' if len(paired) >= MIN_SEEDS else 'no: < 3 seeds'} "
-                        f"| {'same' if same else 'paper: ' + paper['dataset'] + ' ' + paper['model']} "
+                        f"| {'same' if same else 'paper: ' + paper['dataset'] + ' ' + paper['model']}"
+                        f"{'; ' + paper['setting_note'] if paper.get('setting_note') else ''} "
                         f"| {verdict(np.mean(asr), np.mean(cost), paper['asr'], paper_cost, undefended_asr)} | `{source}` |")
     lines = ["## Summary: paper vs ours (generated from the records)", "",
              VERDICT_RULE, "",
