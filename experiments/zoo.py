@@ -127,11 +127,13 @@ V2_GTSRB_ATTACKS = {
     # Input-aware (CETF Tables VII / VIII, TSBD table 1): generators with the authors' settings
     # (attack and cross rate 0.1) except the mask generator's pre-training, the classifier with the
     # default recipe. A dynamic trigger plants more slowly than a patch (WaNet's 5 epochs fell
-    # short), so 10 joint epochs, chosen for the CPU budget before training (the paper: 600). The
-    # authors' 25 mask epochs would take ~18 h here (one epoch of the full split: 43 min, measured
-    # 2026-12-03 on the shared CPU), so 2 (the planting test reaches ASR 0.86 after 1 on 2,000
-    # images); an attacker's setting, chosen before any result of this model.
-    "input-aware": dict(attack="input-aware", epochs=10, attack_args={"mask_epochs": 2}),
+    # short). 10 joint epochs (chosen for the CPU budget before training; the paper: 600) gave ACC
+    # 0.9751 / ASR 0.7282 (2026-12-05, 53 min on the shared CPU: mask epochs ~8 min, joint ~4.5;
+    # the training attack-mode accuracy still rose ~4 points per epoch at the end), so 30: the
+    # attacker trains until the backdoor plants, a setting of the attack, not of any defense.
+    # Mask pre-training: 2 epochs instead of the authors' 25 (the planting test reaches ASR 0.86
+    # after 1 on 2,000 images).
+    "input-aware": dict(attack="input-aware", epochs=30, attack_args={"mask_epochs": 2}),
     "clean": dict(attack="none"),
 }
 # BNA table 1 poisons 100 images per source class: 900 of CIFAR-10's 50,000 training images.
@@ -156,8 +158,8 @@ V2_CIFAR_ATTACKS = {  # in training order: the models most experiments use first
     # python -m bdjax.attacks.ssba_encoder --dataset cifar10 --out experiments/zoo-v2/ssba-cifar10.npz
     "lf": dict(attack="lf", attack_args={"perturbation_file": "experiments/zoo-v2/lf-cifar10-0.npy"}),
     "ssba": dict(attack="ssba", attack_args={"encoder_file": "experiments/zoo-v2/ssba-cifar10.npz"}),
-    # Input-aware with GTSRB's joint length and mask pre-training (10 and 2 epochs, a CPU-era
-    # attacker's budget, chosen before any result; the paper trains 600): an accelerator run.
+    # Input-aware with GTSRB's joint length and mask pre-training (30 and 2 epochs: 10 left GTSRB's
+    # ASR at 0.73; the paper trains 600): an accelerator run.
     "input-aware": V2_GTSRB_ATTACKS["input-aware"],
 }
 THESIS_MODELS = ("small", "small-bn", "medium", "medium-bn", "large", "large-bn")

@@ -49,7 +49,7 @@ def test_bar_follows_issue_27():
 
 def test_cpu_epoch_counts_of_slow_planting_attacks_stay_out_of_the_accelerator_zoo():
     v2, accelerator = zoo.v2_specs(), zoo.v2_specs(accelerator=True)
-    assert v2["resnet20-gtsrb-wanet"].epochs == 15 and v2["resnet20-gtsrb-input-aware"].epochs == 10
+    assert v2["resnet20-gtsrb-wanet"].epochs == 15 and v2["resnet20-gtsrb-input-aware"].epochs == 30
     assert accelerator["preact-resnet18-gtsrb-wanet"].epochs is None
     assert accelerator["preact-resnet18-gtsrb-input-aware"].epochs is None
 
