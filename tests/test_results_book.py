@@ -65,6 +65,20 @@ def test_tsbd_paper_rows_agree_with_their_own_der(monkeypatch):
         assert abs(expected - der) < 0.05, (attack, method, expected, der)  # the slides round
 
 
+def test_tsbd_clean_set_share_is_of_the_training_split_as_backdoorbench_ratio(monkeypatch):
+    """The slides' 5% clean data is BackdoorBench's ratio of the training split: 2,500 CIFAR-10 images
+    match it, the 500 of k = 50 (5% of the test split) are 1% and say so in the summary's setting."""
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))
+    import tsbd_tables
+
+    cell = {"dataset": "cifar10", "attack": "badnets", "method": "tsbd"}
+    assert tsbd_tables.paper_reference({**cell, "defense_size": 2500})["setting_note"] is None
+    note = tsbd_tables.paper_reference({**cell, "defense_size": 500})["setting_note"]
+    assert "1.0% of train" in note and "5%" in note
+    assert "1.6% of train" in tsbd_tables.paper_reference({**cell, "dataset": "gtsrb", "defense_size": 645})[
+        "setting_note"]
+
+
 def test_two_writers_of_one_cell_record_keep_each_others_cells(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(EXPERIMENTS))
     import tables
