@@ -15,7 +15,7 @@ Resumable: the state (model, optimizer, schedule, RNG, epoch) is written atomica
 every epoch to ``--state`` and a rerun continues from it.
 
     pip install torch==2.13.0   # the CPU build; not a bdjax dependency
-    python experiments/torch_reference_train.py [--epochs 40] [--batch-size 256] [--lr 0.2] [--seed 0]
+    python experiments/torch_reference_train.py [--depth 20] [--epochs 40] [--batch-size 256] [--lr 0.2] [--seed 0]
     # writes experiments/results/torch_reference_train.{json,md} (one row per setting and seed)
 """
 
@@ -36,7 +36,7 @@ from torch import nn
 
 from bdjax.data import load
 from bdjax.data.dataset import CIFAR10
-from bdjax.interop.torch_models import build
+from bdjax.interop.torch_models import CifarResNet
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "torch_reference_train"
@@ -91,7 +91,8 @@ def train(args) -> dict:
     total = steps_per_epoch * args.epochs
     warmup = max(int(total * args.warmup), 1)
 
-    model = build("resnet20", 10).to(memory_format=torch.channels_last)
+    n = (args.depth - 2) // 6
+    model = CifarResNet(10, (n, n, n), (16, 32, 64), "pad").to(memory_format=torch.channels_last)
     he_init(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
                                 weight_decay=args.weight_decay)
@@ -137,7 +138,7 @@ def train(args) -> dict:
         torch.save(state, state_path.with_suffix(".tmp"))
         os.replace(state_path.with_suffix(".tmp"), state_path)
 
-    return {"setting": setting_name(args), "seed": args.seed, "epochs": args.epochs, "batch_size": args.batch_size,
+    return {"setting": setting_name(args), "seed": args.seed, "model": f"resnet{args.depth}", "epochs": args.epochs, "batch_size": args.batch_size,
             "learning_rate": args.lr, "weight_decay": args.weight_decay, "warmup_fraction": args.warmup,
             "acc": accuracy(model, x_test, y_test), "test_size": len(x_test),
             "final_train_accuracy": history[-1]["accuracy"], "train_seconds": round(seconds, 1),
@@ -147,7 +148,7 @@ def train(args) -> dict:
 
 
 def setting_name(args) -> str:
-    return f"r20-cifar10-clean-{args.epochs}ep-b{args.batch_size}-lr{args.lr:g}-wd{args.weight_decay:g}"
+    return f"r{args.depth}-cifar10-clean-{args.epochs}ep-b{args.batch_size}-lr{args.lr:g}-wd{args.weight_decay:g}"
 
 
 def bdjax_twin(row: dict) -> tuple[str, dict] | None:
@@ -161,7 +162,7 @@ def bdjax_twin(row: dict) -> tuple[str, dict] | None:
             continue
         record = json.loads(path.read_text())
         config = record["train_config"]
-        if (record["dataset"], record["model"], record["attack"]) == ("cifar10", "resnet20", None) and all(
+        if (record["dataset"], record["model"], record["attack"]) == ("cifar10", row.get("model", "resnet20"), None) and all(
                 config.get(k) == v for k, v in wanted.items()):
             return path.parent.name, record
     return None
@@ -197,6 +198,8 @@ def write(rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", default=None, help="default: $BDJAX_DATA_DIR")
+    parser.add_argument("--depth", type=int, choices=(20, 32, 56), default=20,
+                        help="CIFAR ResNet depth (56: capacity, at 3x ResNet-20's cost)")
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=0.2)
