@@ -144,10 +144,11 @@ def markdown(record: tables.CellRecord, command: str) -> str:
         share_pct = clean_share(first)
         share = f"{first['defense_size']} ({share_pct:.1f}% of train)"
         seconds = [c["seconds"] for c in cells if c["seconds"] is not None]
+        paper = paper_cell(first["attack"], method)
         rows.append(f"| {name} | {share} | {method} | {tables.mean_std([c['acc'] for c in cells])} | "
                     f"{tables.mean_std([c['asr'] for c in cells])} | {tables.mean_std([c['der'] for c in cells])} | "
                     f"{f'{np.mean(seconds):.0f}' if seconds else '–'} | "
-                    f"{paper_cell(first['attack'], method)}{'' if abs(share_pct - PAPER_SHARE) < 0.5 else ' (at 5%)'} |")
+                    f"{paper}{' (at 5%)' if paper and abs(share_pct - PAPER_SHARE) >= 0.5 else ''} |")
     eval_sizes = sorted({c["eval_size"] for c in record.cells})
     return "\n".join([
         "# TSBD, FT, FP and RNP on the zoo, beside the TSBD slides' Table 1",
