@@ -138,8 +138,8 @@ def train(args) -> dict:
         torch.save(state, state_path.with_suffix(".tmp"))
         os.replace(state_path.with_suffix(".tmp"), state_path)
 
-    return {"setting": setting_name(args), "seed": args.seed, "model": f"resnet{args.depth}", "epochs": args.epochs, "batch_size": args.batch_size,
-            "learning_rate": args.lr, "weight_decay": args.weight_decay, "warmup_fraction": args.warmup,
+    return {"setting": setting_name(args), "seed": args.seed, "model": f"resnet{args.depth}", "epochs": args.epochs,
+            "batch_size": args.batch_size, "learning_rate": args.lr, "weight_decay": args.weight_decay, "warmup_fraction": args.warmup,
             "acc": accuracy(model, x_test, y_test), "test_size": len(x_test),
             "final_train_accuracy": history[-1]["accuracy"], "train_seconds": round(seconds, 1),
             "images_per_second": round(seen * args.epochs / seconds, 1) if seconds else None,
@@ -152,7 +152,7 @@ def setting_name(args) -> str:
 
 
 def bdjax_twin(row: dict) -> tuple[str, dict] | None:
-    """(name, record) of bdjax's clean CIFAR-10 ResNet-20 trained with the row's recipe, if one is committed."""
+    """(name, record) of bdjax's clean CIFAR-10 model of the row's depth and recipe, if one is committed."""
     here = Path(__file__).resolve().parent
     wanted = {"epochs": row["epochs"], "batch_size": row["batch_size"], "learning_rate": row["learning_rate"],
               "weight_decay": row["weight_decay"], "warmup_fraction": row["warmup_fraction"], "optimizer": "sgd",
@@ -179,7 +179,7 @@ def write(rows: list[dict]) -> None:
             row["bdjax"] = {"run": name, "acc": record["metrics"]["acc"], "final_train_accuracy": ours[-1],
                             "max_train_accuracy_gap": max(abs(a - b) for a, b in zip(ours, theirs))}
     (RESULTS / f"{NAME}.json").write_text(json.dumps({"rows": rows}, indent=1) + "\n")
-    lines = ["# CIFAR-10 ResNet-20 trained by a plain PyTorch loop (same recipe, same JPEG-75 data)", "",
+    lines = ["# CIFAR-10 ResNets trained by a plain PyTorch loop (bdjax's recipe, the same JPEG-75 data)", "",
              "Written by `experiments/torch_reference_train.py`. bdjax's run of the same recipe (a committed "
              "recipe check or zoo v2 model) beside it; the last column is the largest difference between the two "
              "per-epoch training accuracies (augmented batches, train mode).", "",
