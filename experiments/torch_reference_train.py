@@ -40,6 +40,8 @@ from bdjax.interop.torch_models import CifarResNet
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "torch_reference_train"
+MEAN = torch.tensor(CIFAR10.mean).view(1, 3, 1, 1)
+STD = torch.tensor(CIFAR10.std).view(1, 3, 1, 1)
 
 
 def augment(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
@@ -68,9 +70,7 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 def normalise(x: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(CIFAR10.mean).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR10.std).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return (x - MEAN) / STD
 
 
 @torch.no_grad()

@@ -110,7 +110,7 @@ def paper_reference(cell: dict) -> dict | None:
     if row is None or none is None:
         return None
     share = clean_share(cell)
-    note = None if abs(share - PAPER_SHARE) < 0.5 else f"clean set {share:.1f}% of train, paper's {PAPER_SHARE:g}%"
+    note = None if at_paper_share(share) else f"clean set {share:.1f}% of train, paper's {PAPER_SHARE:g}%"
     return {"acc": row[0] / 100, "asr": row[1] / 100, "acc_before": none[0] / 100, "dataset": "cifar10",
             "model": "preact-resnet18", "source": PAPER_SOURCE, "setting_note": note}
 
@@ -118,6 +118,11 @@ def paper_reference(cell: dict) -> dict | None:
 def clean_share(cell: dict) -> float:
     """The defense set's size as a percentage of the training split (BackdoorBench's ``ratio``)."""
     return 100 * cell["defense_size"] / TRAIN_SIZES[cell["dataset"]]
+
+
+def at_paper_share(share: float) -> bool:
+    """Whether a clean-set share (``clean_share``) is the slides' 5% (k draws whole images per class)."""
+    return abs(share - PAPER_SHARE) < 0.5
 
 
 def paper_cell(attack: str, method: str) -> str:
@@ -148,7 +153,7 @@ def markdown(record: tables.CellRecord, command: str) -> str:
         rows.append(f"| {name} | {share} | {method} | {tables.mean_std([c['acc'] for c in cells])} | "
                     f"{tables.mean_std([c['asr'] for c in cells])} | {tables.mean_std([c['der'] for c in cells])} | "
                     f"{f'{np.mean(seconds):.0f}' if seconds else '–'} | "
-                    f"{paper}{' (at 5%)' if paper and abs(share_pct - PAPER_SHARE) >= 0.5 else ''} |")
+                    f"{paper}{' (at 5%)' if paper and not at_paper_share(share_pct) else ''} |")
     eval_sizes = sorted({c["eval_size"] for c in record.cells})
     return "\n".join([
         "# TSBD, FT, FP and RNP on the zoo, beside the TSBD slides' Table 1",
