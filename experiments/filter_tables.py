@@ -1,6 +1,7 @@
 """CETF Tables II / III on zoo v2: the input filters on 200 + 200 inputs per clean-set draw.
 
     BDJAX_DATA_DIR=../shared/data python experiments/filter_tables.py                  # resumes
+    BDJAX_DATA_DIR=../shared/data python experiments/filter_tables.py --methods strip neo februus  # no CETF
     BDJAX_DATA_DIR=../shared/data python experiments/filter_tables.py --table-only
 
 Per zoo v2 model and seed (the defender's clean-set draw: 2 test images per class, the CETF
@@ -38,7 +39,8 @@ import jax
 import numpy as np
 
 from bdjax import checkpoint
-from bdjax.defenses import cetf
+from bdjax.data.dataset import to_float
+from bdjax.defenses import cetf, gradcam
 from bdjax.metrics import defense_effectiveness_rating
 from bdjax.models.inference import predict
 from bdjax.runs import split_for_defense
@@ -92,9 +94,28 @@ def resumable_screen(run, images, auxiliary, filter_images, key, config, path: P
     return cetf.Screening(**{name: done[name][:len(images)] for name in fields})
 
 
+def trigger_coverage(run, triggered, layer: str, threshold: float) -> dict:
+    """Where Februus' Grad-CAM sits against a patch trigger (attacks with a ``mask``; {} for the others):
+    the mean normalised map value on the trigger pixels, the share of inputs whose trigger pixels all
+    reach ``threshold`` (removed whole), and the median distance (pixels) from the map's peak to the
+    trigger's centre."""
+    mask = getattr(run.attack, "mask", None)
+    if mask is None or not 0 < float(np.mean(np.asarray(mask) > 0)) < 0.5:
+        return {}
+    on_trigger = np.asarray(mask)[..., 0] > 0
+    maps, _ = jax.device_get(gradcam.grad_cam(run.module, run.variables, to_float(triggered), tuple(layer.split("/"))))
+    values = maps[:, on_trigger]
+    peaks = np.stack(np.unravel_index(maps.reshape(len(maps), -1).argmax(axis=1), maps.shape[1:]), axis=1)
+    centre = np.argwhere(on_trigger).mean(axis=0)
+    return {"cam_on_trigger_mean": float(values.mean()),
+            "trigger_removed_share": float((values >= threshold).all(1).mean()),
+            "cam_peak_to_trigger_px": float(np.median(np.linalg.norm(peaks - centre, axis=1)))}
+
+
 def measure_seed(run, name: str, seed: int, record: tables.CellRecord, args):
     """Every missing cell of (``name``, ``seed``)."""
-    todo = [m for m in METHODS if record.find(run=name, k=PER_CLASS, seed=seed, method=m) is None]
+    wanted = {"none", *args.methods}  # the undefended row is free and every DER needs it
+    todo = [m for m in METHODS if m in wanted and record.find(run=name, k=PER_CLASS, seed=seed, method=m) is None]
     if not todo:
         return
     clean, sets = split_for_defense(run, PER_CLASS, seed, args.data_dir)
@@ -132,8 +153,11 @@ def measure_seed(run, name: str, seed: int, record: tables.CellRecord, args):
             result, setup = tables.timed_defense(run, method, {}, clean, seed)
             started = time.perf_counter()
             predicted, flagged = result.classifier(inputs)
-            add(method, np.asarray(predicted), np.asarray(flagged), setup + time.perf_counter() - started,
-                dict(tables.scalars(result.info), setup_s=setup))
+            seconds = setup + time.perf_counter() - started
+            info = dict(tables.scalars(result.info), setup_s=setup)
+            if method == "februus":
+                info.update(trigger_coverage(run, triggered, info["feature_layer"], info["cam_threshold"]))
+            add(method, np.asarray(predicted), np.asarray(flagged), seconds, info)
         elif method == "cetf":
             started = time.perf_counter()
             _, found = screening()
@@ -190,13 +214,31 @@ def markdown(record: tables.CellRecord, command: str) -> str:
         "",
         "| model | method | ACC % | ASR % | TPR % | FPR % | DER % | s / input | paper ACC / ASR % |",
         "|---|---|---|---|---|---|---|---|---|",
-        *rows, ""])
+        *rows, "", *februus_notes(record)])
+
+
+def februus_notes(record: tables.CellRecord) -> list[str]:
+    """Where Februus' Grad-CAM sat against a patch trigger, per model (``trigger_coverage``)."""
+    lines = []
+    cells = [c for c in record.cells if c["method"] == "februus" and "cam_on_trigger_mean" in c["info"]]
+    for name, group in tables.group(cells, ("run",)).items():
+        info = [c["info"] for c in group]
+        lines.append(
+            f"Februus on {name[0]} ({len(group)} seed{'s' if len(group) > 1 else ''}): Grad-CAM layer "
+            f"`{info[0]['feature_layer']}`, threshold {info[0]['cam_threshold']}; on the triggered inputs the "
+            f"normalised map is {np.mean([i['cam_on_trigger_mean'] for i in info]):.2f} on the trigger's pixels "
+            f"(mean), the whole trigger reaches the threshold on "
+            f"{100 * np.mean([i['trigger_removed_share'] for i in info]):.1f}% of them, and the map's peak lies "
+            f"{np.mean([i['cam_peak_to_trigger_px'] for i in info]):.1f} px from the trigger's centre (median).")
+    return lines + ([""] if lines else [])
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", nargs="*", default=list(RUNS), help="zoo v2 run names")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                        help="which filters to measure (CETF screens for hours on a CPU; the others take minutes)")
     parser.add_argument("--inputs", type=int, default=200, help="triggered and clean inputs each, per seed")
     parser.add_argument("--calibration-size", type=int, default=10)
     parser.add_argument("--chunk", type=int, default=20, help="CETF inputs screened between saves")

@@ -15,6 +15,7 @@ extracted regions with ``--cetf``).
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import re
 import sys
@@ -173,6 +174,18 @@ def demote(markdown: str) -> str:
     return re.sub(r"^(#+) ", lambda m: "#" + m.group(1) + " ", markdown, flags=re.M)
 
 
+def sections(files: list[Path]) -> list[str]:
+    """Each results file as a section of the book; a title that several files share (an ablation
+    record written by its table's script) gets the record's name, so the contents tell them apart."""
+    texts = [(path, demote(path.read_text()).strip()) for path in files]
+    titles = collections.Counter(text.split("\n", 1)[0] for _, text in texts)
+    out = []
+    for path, text in texts:
+        title, _, body = text.partition("\n")
+        out.append(f"{title} — record `{path.stem}`\n{body}" if titles[title] > 1 else text)
+    return out
+
+
 def sweep_sections() -> list[str]:
     from bdjax import sweep
 
@@ -315,8 +328,8 @@ def main(argv=None) -> int:
               demote(write_table().read_text()).split("\n", 1)[1].strip(), ""]
     files = [RESULTS / name for name in ORDER if (RESULTS / name).is_file()]
     files += sorted(p for p in RESULTS.glob("*.md") if p.name not in ORDER)
-    for path in files:
-        parts += [demote(path.read_text()).strip(), ""]
+    for text in sections(files):
+        parts += [text, ""]
     sweeps = sweep_sections()
     if sweeps:
         parts += ["## Defense sweeps", ""] + sweeps

@@ -34,6 +34,38 @@ def test_grad_cam_default_layer_is_the_last_conv_unit(tiny_model):
     assert gradcam.default_feature_layer(module) == module.conv_units()[-1].output
 
 
+def test_grad_cam_default_layer_of_a_resnet_is_its_last_block_after_the_shortcut(tiny_model, images):
+    """pytorch-grad-cam's ``model.layer4[-1]``: the block's output, not the residual branch's BN."""
+    module, variables = tiny_model("resnet20")
+    layer = gradcam.default_feature_layer(module)
+    assert layer == ("stage3_2",) and layer != module.conv_units()[-1].output
+    maps, _ = gradcam.grad_cam(module, variables, images)
+    block, _ = gradcam.grad_cam(module, variables, images, layer=layer)
+    np.testing.assert_array_equal(maps, block)
+
+
+@pytest.mark.realdata
+def test_resnet_grad_cam_sees_a_corner_patch_from_the_last_block_not_its_residual_branch(data_dir):
+    """Zoo v2's GTSRB ResNet-20 with CETF's bottom-right 2x2 patch: on 64 triggered inputs the
+    default map (the last block's output) is hot on the trigger; the residual branch's BN output
+    (the default before 2026-12-05) is not (measured: 0.64 vs 0.29 mean normalised value)."""
+    from bdjax import checkpoint
+    from bdjax.runs import split_for_defense
+    from conftest import ZOO_V2_DIR
+
+    run = checkpoint.load(ZOO_V2_DIR / "resnet20-gtsrb-badnets-br")
+    _, sets = split_for_defense(run, 2, 0, data_dir)
+    triggered = sets.triggered.images[np.linspace(0, len(sets.triggered) - 1, 64).round().astype(int)]
+    on_trigger = np.asarray(run.attack.mask)[..., 0] > 0
+    block, predicted = gradcam.grad_cam(run.module, run.variables, triggered.astype(np.float32) / 255.0)
+    branch, _ = gradcam.grad_cam(run.module, run.variables, triggered.astype(np.float32) / 255.0,
+                                 layer=run.module.conv_units()[-1].output)
+    assert np.mean(np.asarray(predicted) == run.target.target) > 0.95
+    block_heat, branch_heat = np.asarray(block)[:, on_trigger].mean(), np.asarray(branch)[:, on_trigger].mean()
+    print(f"mean Grad-CAM on the trigger: block {block_heat:.3f}, residual branch {branch_heat:.3f}")
+    assert block_heat > 0.5 and branch_heat < 0.4, (block_heat, branch_heat)
+
+
 # --------------------------------------------------------------------------- CAM-focus prior
 def test_prior_region_is_the_dilated_bounding_box_of_the_hot_pixels():
     prior_region = jax.jit(cetf.prior_region, static_argnums=(1, 2))

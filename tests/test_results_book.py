@@ -45,11 +45,12 @@ def test_the_diagnosis_reads_the_stored_records_and_names_the_missing_ones(book,
     assert text.startswith("## Diagnosis") and "**FT on GTSRB BadNets" in text and "**CETF clean false positives" in text
     assert "**TAC on zoo v2" in text and "**Suspiciousness pruning" in text
     assert "**ANP with 10 clean CIFAR-10 images" in text and "**BNA on all-to-all BadNets" in text
+    assert "**Februus" in text
     monkeypatch.setattr(diagnosis, "RESULTS", tmp_path)  # no records: each paragraph names its command
     empty = diagnosis.section()
-    assert empty.count("Record missing") + empty.count("Records missing") == 8
+    assert empty.count("Record missing") + empty.count("Records missing") == 9
     assert "tsbd_tables.py" in empty and "cetf_tables.py" in empty and "tac_tables.py" in empty
-    assert "suspicion_diagnosis.py" in empty and "bna_tables_v2.py" in empty
+    assert "suspicion_diagnosis.py" in empty and "bna_tables_v2.py" in empty and "filter_tables.py" in empty
 
 
 def test_tsbd_paper_rows_agree_with_their_own_der(monkeypatch):
@@ -209,3 +210,13 @@ def test_the_bna_v2_table_cites_table_1_or_3_by_the_defense_set_and_the_summary_
     rows = [line for line in book.measured_summary().splitlines() if line.startswith("| bna |")]
     assert len(rows) == 1 and "resnet20-cifar10-badnets (cifar10), k = 100" in rows[0]
     assert "| reproduced |" in rows[0] and "paper: cifar10 resnet18" in rows[0]
+
+
+def test_sections_sharing_a_title_name_their_records(book, tmp_path):
+    """Ablation records written by a table's own script share its title; the book's headings tell them apart."""
+    for name, title in (("tsbd_tables", "TSBD"), ("tsbd_ablation", "TSBD"), ("tac_tables", "TAC")):
+        (tmp_path / f"{name}.md").write_text(f"# {title}\n\nbody of {name}\n")
+    texts = book.sections([tmp_path / f"{n}.md" for n in ("tsbd_tables", "tsbd_ablation", "tac_tables")])
+    assert [t.split("\n")[0] for t in texts] == ["## TSBD — record `tsbd_tables`", "## TSBD — record `tsbd_ablation`",
+                                                  "## TAC"]
+    assert texts[1].endswith("body of tsbd_ablation")

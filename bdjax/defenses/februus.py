@@ -47,7 +47,7 @@ from bdjax.checkpoint import atomic_write
 from bdjax.data.dataset import Dataset, to_float
 from bdjax.defenses.base import DefenseResult, register
 from bdjax.defenses.cetf import region_mask
-from bdjax.defenses.gradcam import grad_cam
+from bdjax.defenses.gradcam import default_feature_layer, grad_cam
 from bdjax.defenses.strip import check_inputs
 from bdjax.models.inference import padded_batches
 from bdjax.trees import flat_items, npz_bytes, unflatten
@@ -86,8 +86,8 @@ class FebruusConfig:
     - ``cam_threshold``: pixels of the normalised Grad-CAM map at or above it are removed;
       None (default) takes the official code's ``MASK_COND`` for the clean set's dataset
       (``OFFICIAL_THRESHOLDS``: CIFAR-10 0.7, GTSRB 0.8; 0.7 for others);
-    - ``feature_layer``: the Grad-CAM layer (a module path; default the last conv unit, as
-      the paper);
+    - ``feature_layer``: the Grad-CAM layer (a module path; default
+      ``gradcam.default_feature_layer``: a ResNet's last block, other models' last conv unit);
     - ``inpainter_file``: a generator saved by ``save_inpainter`` (e.g. trained once on more
       clean data); without it, one is trained on the defender's clean set with ``inpainter``
       and, if ``inpainter_out`` names a file, saved there;
@@ -360,14 +360,16 @@ def februus(module, variables, clean: Dataset, key, config: FebruusConfig = Febr
     """Februus as a test-time rule: the classifier returns the model's class of each purified
     input and rejects nothing (so its TPR and FPR are 0 by construction; ACC / ASR are what it
     changes). ``info["inpainter"]`` is the generator, (module, variables); ``info["cam_threshold"]``
-    the threshold used; ``info["screened"]`` gets, per classifier call, the mean removed area
-    and how many predictions purification changed."""
+    the threshold used, ``info["feature_layer"]`` the Grad-CAM layer; ``info["screened"]`` gets,
+    per classifier call, the mean removed area and how many predictions purification changed."""
     config = resolved(config, clean.info.name if clean is not None else None)
     if not 0.0 < config.cam_threshold <= 1.0:
         raise ValueError(f"cam_threshold must lie in (0, 1], got {config.cam_threshold}")
     image_shape = getattr(module, "image_shape", None) or (clean.images.shape[1:] if clean is not None else None)
     inpainter_module, inpainter_variables, info = defender_inpainter(clean, key, config)
-    info.update(inpainter=(inpainter_module, inpainter_variables), screened=[], cam_threshold=config.cam_threshold)
+    layer = config.feature_layer if config.feature_layer is not None else default_feature_layer(module)
+    info.update(inpainter=(inpainter_module, inpainter_variables), screened=[], cam_threshold=config.cam_threshold,
+                feature_layer="/".join(layer))
 
     def classify(images):
         images = check_inputs(images, image_shape, "Februus") if image_shape is not None else np.asarray(images)

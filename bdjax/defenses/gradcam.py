@@ -2,9 +2,16 @@
 
 The map of image n for its predicted class c is ReLU(Σ_k α_k A_k), with A the feature map of
 one layer and α_k the spatial mean of ∂logit_c / ∂A_k; it is upsampled (bilinear) to the input
-size and min-max normalised to [0, 1] per image. The feature layer defaults to the output of
-the last (non-shortcut) conv unit, i.e. its BatchNorm output when it has one (before the
-nonlinearity; ``ConvUnit.output``), read through ``surgery.apply_with_edits``.
+size and min-max normalised to [0, 1] per image. The feature layer defaults to the model's
+``gradcam_layer()`` when it declares one (the ResNets: the last residual block's output, after
+the shortcut sum, as pytorch-grad-cam's ``model.layer4[-1]``), otherwise to the output of the
+last (non-shortcut) conv unit, i.e. its BatchNorm output when it has one (before the
+nonlinearity; ``ConvUnit.output``); it is read through ``surgery.apply_with_edits``.
+
+Until 2026-12-05 the ResNets used the last conv unit too: the residual branch's BN output
+before the shortcut sum. On a GTSRB ResNet-20 with a 2x2 corner patch that map does not see
+the trigger (mean normalised value 0.29 on the trigger pixels of 64 triggered inputs; 0.64 on
+the block output), which left Februus with ASR 100 % (RESULTS.md, the input-filter table).
 """
 
 from __future__ import annotations
@@ -19,7 +26,11 @@ from bdjax.surgery import apply_with_edits
 
 
 def default_feature_layer(module) -> Path:
-    """Path of the last non-shortcut conv unit's output (the usual Grad-CAM layer)."""
+    """The usual Grad-CAM layer: ``module.gradcam_layer()`` when the model declares one (the
+    residual networks' last block), else the path of the last non-shortcut conv unit's output."""
+    declared = getattr(module, "gradcam_layer", None)
+    if callable(declared):
+        return tuple(declared())
     units = [u for u in module.conv_units() if not u.shortcut]
     if not units:
         raise ValueError(f"{type(module).__name__} declares no conv units; pass a feature layer path")

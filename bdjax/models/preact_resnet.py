@@ -71,6 +71,10 @@ class PreActResNet(nn.Module):
             units += PreActBlock.units(name, projection)
         return units
 
+    def gradcam_layer(self) -> tuple[str, ...]:
+        """The last block's output (after the shortcut sum), as ResNet.gradcam_layer."""
+        return (self._blocks()[-1][0],)
+
 
 def preact_resnet18(num_classes: int, **kwargs) -> PreActResNet:
     return PreActResNet(num_classes, **kwargs)

@@ -79,6 +79,11 @@ class ResNet(nn.Module):
             units += BasicBlock.units(name, projection)
         return units
 
+    def gradcam_layer(self) -> tuple[str, ...]:
+        """The last block's output (after the shortcut sum and ReLU): Grad-CAM's usual ResNet
+        layer (``model.layer4[-1]`` in pytorch-grad-cam), not the residual branch alone."""
+        return (self._blocks()[-1][0],)
+
 
 def resnet_cifar(depth: int, num_classes: int, **kwargs) -> ResNet:
     """ResNet-{20,32,56,...}: depth = 6n + 2, widths 16/32/64, parameter-free shortcuts."""
