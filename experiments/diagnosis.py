@@ -253,14 +253,16 @@ def februus() -> str:
             f"{tables.mean_std(digits=1, values=[c['asr'] for c in group])}; Grad-CAM layer `{info[0]['feature_layer']}` "
             f"at threshold {info[0]['cam_threshold']}: the map's peak lies {value('cam_peak_to_trigger_px'):.1f} px "
             f"from the trigger's centre (median), the trigger's pixels get {value('cam_on_trigger_mean'):.2f} of the "
-            f"peak (mean) and the whole trigger is removed on {100 * value('trigger_removed_share'):.1f}% of the inputs")
+            f"peak (mean) and the whole trigger is removed on {100 * value('trigger_removed_share'):.1f}% of the inputs "
+            f"(ASR {100 * np.mean([c['asr'] for c in group]):.1f}% against {100 * (1 - value('trigger_removed_share')):.1f}% "
+            "of inputs that keep part of their trigger)")
     text = "**Februus on corner patches (paper, GTSRB ResNet-20: ACC 77.0 / ASR 0.5).** " + "; ".join(parts) + "."
     missed = [c for c in cells if c["info"]["trigger_removed_share"] < 0.5 and c["asr"] > 0.5]
     if missed:
         text += (" Where ASR stays high the removal misses the trigger, so the repainting is not what fails: a "
-                 "ResNet-20's last block is an 8x8 map, and on a 2x2 patch in an image corner its peak sits about "
-                 "one cell (4 px) in from the corner, so the official threshold removes sign pixels next to the "
-                 "trigger and leaves the trigger. The paper's GTSRB model and GAN are not ours; the experiment "
+                 "ResNet-20's last block is an 8x8 map, and on a 2x2 patch in an image corner its peak sits a cell or "
+                 "more in from the corner (the distances above), so the official threshold removes sign pixels next "
+                 "to the trigger and leaves the trigger. The paper's GTSRB model and GAN are not ours; the experiment "
                  "that would separate model from method (Februus on a patch away from the border: both of the "
                  "zoo's BadNets patches sit in corners) is not run yet.")
     return text

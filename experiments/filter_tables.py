@@ -230,7 +230,8 @@ def februus_notes(record: tables.CellRecord) -> list[str]:
             f"(mean), the whole trigger reaches the threshold on "
             f"{100 * np.mean([i['trigger_removed_share'] for i in info]):.1f}% of them, and the map's peak lies "
             f"{np.mean([i['cam_peak_to_trigger_px'] for i in info]):.1f} px from the trigger's centre (median).")
-    return lines + ([""] if lines else [])
+        lines.append("")
+    return lines
 
 
 def main(argv=None) -> int:
