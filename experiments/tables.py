@@ -86,7 +86,9 @@ class CellRecord:
         """Keep a finished cell (stamped with the commit and time that measured it) and save.
 
         Two scripts may fill one record at once: under a lock, the cells another writer saved
-        since this one read the file are merged in, so neither loses the other's cells."""
+        since this one read the file are merged in, so neither loses the other's cells; a cell
+        both measured alike (e.g. the undefended row each computes for itself: equal but for its
+        time stamp, commit and seconds) is kept once."""
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         self.cells.append(json.loads(json.dumps({**cell, "commit": self.commit, "measured": now}, default=_jsonable)))
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -94,9 +96,15 @@ class CellRecord:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if self.path.is_file():
                 stored = json.loads(self.path.read_text())["cells"]
-                self.cells = stored + [c for c in self.cells if c not in stored]
+                seen = [_measured_alike(c) for c in stored]
+                self.cells = stored + [c for c in self.cells if _measured_alike(c) not in seen]
             payload = {"settings": self.settings, "updated": now, "cells": self.cells}
             checkpoint.atomic_write(self.path, (json.dumps(payload, indent=1) + "\n").encode())
+
+
+def _measured_alike(cell: dict) -> dict:
+    """A cell without what differs between two measurements of the same thing."""
+    return {k: v for k, v in cell.items() if k not in ("measured", "commit", "seconds")}
 
 
 def _jsonable(value):

@@ -92,6 +92,10 @@ def test_two_writers_of_one_cell_record_keep_each_others_cells(monkeypatch, tmp_
     stored = json.loads(path.read_text())["cells"]
     assert [(c["seed"], c["acc"]) for c in stored] == [(0, 0.5), (1, 0.25), (2, 0.75)]
     assert tables.CellRecord(path, {"a": 1}).find(seed=1)["acc"] == 0.25
+    # Both compute the same undefended cell (each checked before the other saved it): kept once.
+    first.add({"run": "x", "seed": 3, "method": "none", "acc": 0.5, "seconds": 0.0})
+    second.add({"run": "x", "seed": 3, "method": "none", "acc": 0.5, "seconds": 0.1})
+    assert len([c for c in json.loads(path.read_text())["cells"] if c["seed"] == 3]) == 1
 
 
 def test_the_summary_reads_tac_v2_cells_against_the_thesis_and_names_a_different_architecture(book, monkeypatch,
