@@ -240,24 +240,27 @@ def cetf() -> str:
 
 
 def februus() -> str:
-    cells = [c for c in _cells("cetf_tables_v2") if c["method"] == "februus" and "cam_on_trigger_mean" in c["info"]]
-    if not cells:
+    from filter_tables import februus_coverage  # the filter table's own reading of its Februus cells
+
+    coverage = februus_coverage(_cells("cetf_tables_v2"))
+    if not coverage:
         return ("**Februus.** Record missing: `python experiments/filter_tables.py --methods februus`.")
     parts = []
-    for (run,), group in tables.group(cells, ("run",)).items():
-        info = [c["info"] for c in group]
-        value = lambda key: np.mean([i[key] for i in info])  # noqa: E731
+    for run, found in coverage.items():
+        group = found["cells"]
         parts.append(
             f"{run} ({len(group)} seed{'s' if len(group) > 1 else ''}): ACC "
             f"{tables.mean_std(digits=1, values=[c['acc'] for c in group])} / ASR "
-            f"{tables.mean_std(digits=1, values=[c['asr'] for c in group])}; Grad-CAM layer `{info[0]['feature_layer']}` "
-            f"at threshold {info[0]['cam_threshold']}: the map's peak lies {value('cam_peak_to_trigger_px'):.1f} px "
-            f"from the trigger's centre (median), the trigger's pixels get {value('cam_on_trigger_mean'):.2f} of the "
-            f"peak (mean) and the whole trigger is removed on {100 * value('trigger_removed_share'):.1f}% of the inputs "
-            f"(ASR {100 * np.mean([c['asr'] for c in group]):.1f}% against {100 * (1 - value('trigger_removed_share')):.1f}% "
-            "of inputs that keep part of their trigger)")
+            f"{tables.mean_std(digits=1, values=[c['asr'] for c in group])}; Grad-CAM layer `{found['feature_layer']}` "
+            f"at threshold {found['cam_threshold']}: the map's peak lies {found['cam_peak_to_trigger_px']:.1f} px "
+            f"from the trigger's centre (median), the trigger's pixels get {found['cam_on_trigger_mean']:.2f} of the "
+            f"peak (mean) and the whole trigger is removed on {100 * found['trigger_removed_share']:.1f}% of the "
+            "inputs "
+            f"(ASR {100 * np.mean([c['asr'] for c in group]):.1f}% against "
+            f"{100 * (1 - found['trigger_removed_share']):.1f}% of inputs that keep part of their trigger)")
     text = "**Februus on corner patches (paper, GTSRB ResNet-20: ACC 77.0 / ASR 0.5).** " + "; ".join(parts) + "."
-    missed = [c for c in cells if c["info"]["trigger_removed_share"] < 0.5 and c["asr"] > 0.5]
+    missed = [c for found in coverage.values() for c in found["cells"]
+              if c["info"]["trigger_removed_share"] < 0.5 and c["asr"] > 0.5]
     if missed:
         text += (" Where ASR stays high the removal misses the trigger, so the repainting is not what fails: a "
                  "ResNet-20's last block is an 8x8 map, and on a 2x2 patch in an image corner its peak sits a cell or "

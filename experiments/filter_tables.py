@@ -217,20 +217,32 @@ def markdown(record: tables.CellRecord, command: str) -> str:
         *rows, "", *februus_notes(record)])
 
 
+def februus_coverage(cells: list[dict]) -> dict[str, dict]:
+    """Per model, its Februus cells that carry ``trigger_coverage`` ("cells") with their Grad-CAM
+    layer and threshold and the mean over seeds of each coverage number."""
+    cells = [c for c in cells if c["method"] == "februus" and "cam_on_trigger_mean" in c["info"]]
+    out = {}
+    for (name,), group in tables.group(cells, ("run",)).items():
+        info = [c["info"] for c in group]
+        out[name] = {"cells": group, "feature_layer": info[0]["feature_layer"],
+                     "cam_threshold": info[0]["cam_threshold"],
+                     **{key: float(np.mean([i[key] for i in info]))
+                        for key in ("cam_on_trigger_mean", "trigger_removed_share", "cam_peak_to_trigger_px")}}
+    return out
+
+
 def februus_notes(record: tables.CellRecord) -> list[str]:
     """Where Februus' Grad-CAM sat against a patch trigger, per model (``trigger_coverage``)."""
     lines = []
-    cells = [c for c in record.cells if c["method"] == "februus" and "cam_on_trigger_mean" in c["info"]]
-    for name, group in tables.group(cells, ("run",)).items():
-        info = [c["info"] for c in group]
-        lines.append(
-            f"Februus on {name[0]} ({len(group)} seed{'s' if len(group) > 1 else ''}): Grad-CAM layer "
-            f"`{info[0]['feature_layer']}`, threshold {info[0]['cam_threshold']}; on the triggered inputs the "
-            f"normalised map is {np.mean([i['cam_on_trigger_mean'] for i in info]):.2f} on the trigger's pixels "
+    for name, found in februus_coverage(record.cells).items():
+        seeds = len(found["cells"])
+        lines += [
+            f"Februus on {name} ({seeds} seed{'s' if seeds > 1 else ''}): Grad-CAM layer "
+            f"`{found['feature_layer']}`, threshold {found['cam_threshold']}; on the triggered inputs the "
+            f"normalised map is {found['cam_on_trigger_mean']:.2f} on the trigger's pixels "
             f"(mean), the whole trigger reaches the threshold on "
-            f"{100 * np.mean([i['trigger_removed_share'] for i in info]):.1f}% of them, and the map's peak lies "
-            f"{np.mean([i['cam_peak_to_trigger_px'] for i in info]):.1f} px from the trigger's centre (median).")
-        lines.append("")
+            f"{100 * found['trigger_removed_share']:.1f}% of them, and the map's peak lies "
+            f"{found['cam_peak_to_trigger_px']:.1f} px from the trigger's centre (median).", ""]
     return lines
 
 

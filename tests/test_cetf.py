@@ -50,6 +50,7 @@ def test_resnet_grad_cam_sees_a_corner_patch_from_the_last_block_not_its_residua
     default map (the last block's output) is hot on the trigger; the residual branch's BN output
     (the default before 2026-12-05) is not (measured: 0.64 vs 0.29 mean normalised value)."""
     from bdjax import checkpoint
+    from bdjax.data.dataset import to_float
     from bdjax.runs import split_for_defense
     from conftest import ZOO_V2_DIR
 
@@ -57,8 +58,8 @@ def test_resnet_grad_cam_sees_a_corner_patch_from_the_last_block_not_its_residua
     _, sets = split_for_defense(run, 2, 0, data_dir)
     triggered = sets.triggered.images[np.linspace(0, len(sets.triggered) - 1, 64).round().astype(int)]
     on_trigger = np.asarray(run.attack.mask)[..., 0] > 0
-    block, predicted = gradcam.grad_cam(run.module, run.variables, triggered.astype(np.float32) / 255.0)
-    branch, _ = gradcam.grad_cam(run.module, run.variables, triggered.astype(np.float32) / 255.0,
+    block, predicted = gradcam.grad_cam(run.module, run.variables, to_float(triggered))
+    branch, _ = gradcam.grad_cam(run.module, run.variables, to_float(triggered),
                                  layer=run.module.conv_units()[-1].output)
     assert np.mean(np.asarray(predicted) == run.target.target) > 0.95
     block_heat, branch_heat = np.asarray(block)[:, on_trigger].mean(), np.asarray(branch)[:, on_trigger].mean()
