@@ -12,8 +12,9 @@ Until 2026-12-05 the ResNets used the last conv unit too: the residual branch's 
 before the shortcut sum. On a GTSRB ResNet-20 with a 2x2 corner patch that map hardly sees the
 trigger (mean normalised value 0.29 on the trigger pixels of 64 triggered inputs; 0.64 on the
 block output: ``tests/test_cetf.py``). Februus there still leaves ASR 1.00 with either layer
-(the block's map peaks a cell in from the corner; clean ACC 0.30 before, 0.47 after, 200 + 200
-inputs: ``experiments/results/cetf_tables_v2.md`` and its diagnosis).
+(the block's map peaks a cell in from the corner): clean ACC 0.30 before (10 + 10 inputs,
+``experiments/results/cetf_v2_probe.json`` as committed before 2026-12-05), 0.47 after (200 +
+200 inputs, 3 seeds: ``experiments/results/cetf_tables_v2.md`` and its diagnosis).
 """
 
 from __future__ import annotations
