@@ -136,6 +136,12 @@ V2_GTSRB_ATTACKS = {
     "input-aware": dict(attack="input-aware", epochs=30, attack_args={"mask_epochs": 2}),
     "clean": dict(attack="none"),
 }
+# Diagnostic GTSRB ResNet-20s (not paper rows): the CETF patch moved 8 px in from the corner, to
+# test Februus on a trigger away from the image border (both zoo BadNets patches sit in corners,
+# where Grad-CAM's peak missed them by ~7 px). The margin was fixed before training.
+V2_GTSRB_DIAGNOSTIC = {
+    "badnets-inner": dict(attack="badnets", attack_args={"size": 2, "location": "bottom-right", "margin": 8}),
+}
 # BNA table 1 poisons 100 images per source class: 900 of CIFAR-10's 50,000 training images.
 BNA_RATE = 900 / 50000
 V2_CIFAR_ATTACKS = {  # in training order: the models most experiments use first
@@ -174,7 +180,7 @@ def v2_specs(accelerator: bool = False) -> dict[str, RunSpec]:
     GTSRB, the same attacks; for a GPU or TPU, nothing else depends on it.
     """
     specs = {}
-    groups = [("resnet20", "gtsrb", V2_GTSRB_ATTACKS, "default"),
+    groups = [("resnet20", "gtsrb", {**V2_GTSRB_ATTACKS, **V2_GTSRB_DIAGNOSTIC}, "default"),
               *[(m, "gtsrb", {k: V2_GTSRB_ATTACKS[k] for k in ("badnets", "blended", *THESIS_CLEAN.get(m, ()))},
                  "thesis") for m in THESIS_MODELS],
               ("resnet20", "cifar10", V2_CIFAR_ATTACKS, "default")]
