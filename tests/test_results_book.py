@@ -216,6 +216,24 @@ def test_the_bna_v2_table_cites_table_1_or_3_by_the_defense_set_and_the_summary_
     assert "| reproduced |" in rows[0] and "paper: cifar10 resnet18" in rows[0]
 
 
+def test_bna_v2_table_on_gtsrb_names_its_dataset_and_keeps_a_source_subset_apart_from_the_paper(book, tmp_path):
+    """A search from a few source classes (the GTSRB cost cut) is its own row, with no paper numbers beside it."""
+    import bna_tables_v2
+    import tables
+    assert bna_tables_v2.bna_label(None) == "bna" and bna_tables_v2.bna_label([1, 2, 3]) == "bna-sources-1-2-3"
+    cell = dict(run="resnet20-gtsrb-badnets", model="resnet20", attack="badnets", dataset="gtsrb", k=10,
+                defense_size=430, eval_size=12200, target_mode="all_to_one", seed=0, seconds=1.0)
+    cells = [dict(cell, method="none", acc=0.97, asr=1.0),
+             dict(cell, method="bna-sources-1-2-3", acc=0.96, asr=0.0, sia=0.9, targets=[14],
+                  tpr=1.0, fpr_target=0.1, fpr_all=0.01)]
+    (tmp_path / "r.json").write_text(json.dumps({"settings": {}, "cells": cells}))
+    text = bna_tables_v2.markdown(tables.CellRecord(tmp_path / "r.json", {}), "cmd")
+    assert text.startswith("# BNA's tables 1 / 3 / 9 on zoo v2 (GTSRB ResNet-20)")
+    row = next(line for line in text.splitlines() if "| bna-sources-1-2-3 |" in line)
+    assert "targets [14]" in row and row.endswith("|  |")  # detector shown, paper column empty
+    assert bna_tables_v2.paper_reference(cells[1]) is None  # GTSRB BadNet's t.5 row is the full search's
+
+
 def test_sections_sharing_a_title_name_their_records(book, tmp_path):
     """Ablation records written by a table's own script share its title; the book's headings tell them apart."""
     for name, title in (("tsbd_tables", "TSBD"), ("tsbd_ablation", "TSBD"), ("tac_tables", "TAC")):
