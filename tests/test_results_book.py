@@ -234,6 +234,22 @@ def test_bna_v2_table_on_gtsrb_names_its_dataset_and_keeps_a_source_subset_apart
     assert bna_tables_v2.paper_reference(cells[1]) is None  # GTSRB BadNet's t.5 row is the full search's
 
 
+def test_februus_generator_ablation_keeps_out_of_the_main_filter_record_and_says_so(book, tmp_path, capsys):
+    """Februus with a generator trained on the training split is an ablation: refused in the paper-table
+    record, and its own record's table says what changed."""
+    import filter_tables
+    import tables
+    with pytest.raises(SystemExit):
+        filter_tables.main(["--februus-train-images", "100", "--table-only"])
+    assert "its own --record" in capsys.readouterr().err
+    settings = {"inputs": 200, "calibration_size": 10, "per_class": 2, "februus_train_images": 100}
+    cell = dict(run="resnet20-gtsrb-badnets-inner", method="februus", k=2, seed=0, acc=0.5, asr=0.0, tpr=0.0,
+                fpr=0.0, der=0.75, info={})
+    (tmp_path / "abl.json").write_text(json.dumps({"settings": settings, "cells": [cell]}))
+    text = filter_tables.markdown(tables.CellRecord(tmp_path / "abl.json", settings), "cmd")
+    assert "trained once on 100 clean images of the training split" in text and "from `abl.json`" in text
+
+
 def test_sections_sharing_a_title_name_their_records(book, tmp_path):
     """Ablation records written by a table's own script share its title; the book's headings tell them apart."""
     for name, title in (("tsbd_tables", "TSBD"), ("tsbd_ablation", "TSBD"), ("tac_tables", "TAC")):
