@@ -3,6 +3,9 @@
     BDJAX_DATA_DIR=../shared/data python experiments/filter_tables.py                  # resumes
     BDJAX_DATA_DIR=../shared/data python experiments/filter_tables.py --methods strip neo februus  # no CETF
     BDJAX_DATA_DIR=../shared/data python experiments/filter_tables.py --table-only
+    BDJAX_DATA_DIR=../shared/data python experiments/filter_tables.py --record cetf_tables_v2_februus_train_inpainter \
+        --februus-train-images 39209 --only resnet20-gtsrb-badnets-inner resnet20-gtsrb-badnets-br --methods februus
+        # an ablation: Februus' generator trained on the whole clean training split
 
 Per zoo v2 model and seed (the defender's clean-set draw: 2 test images per class, the CETF
 paper's setting; the defenses' own randomness follows the seed):
