@@ -105,6 +105,9 @@ def markdown(record: tables.CellRecord, command: str) -> str:
             rate = {key: tables.mean_std([c.get(key) for c in cells], count=False) for key in ("tpr", "fpr_target", "fpr_all")}
             detector = (f"targets {', '.join(str(list(t)) for t in found)}; TPR {rate['tpr']}%, "
                         f"FPR(target) {rate['fpr_target']}%, FPR(all) {rate['fpr_all']}%")
+        elif method == "nc" and any("infected" in c.get("info", {}) for c in cells):
+            # cells measured before 2026-12-05 did not keep the flagged labels: "?"
+            detector = "flagged " + ", ".join(str(c["info"].get("infected", "?")) for c in cells)
         paper = paper_row(first, method) or (PAPER_TABLE_9 if first["attack"] == "none" and method == "bna" else "")
         if method == "bna" and first["attack"] != "none":
             paper += f"; {PAPER_DETECTION[first.get('target_mode', 'all_to_one')]}"

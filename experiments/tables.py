@@ -203,11 +203,19 @@ def timed_defense(run, method, overrides: dict, clean, seed: int):
     return result, time.perf_counter() - started
 
 
+SHORT_LIST = 64
+
+
 def scalars(info: dict) -> dict:
-    """The plain numbers and strings of a defense's info (what it pruned, flagged, chose)."""
+    """The plain numbers and strings of a defense's info (what it pruned, flagged, chose), and its
+    short lists of integers (e.g. the labels Neural Cleanse flags: ``SHORT_LIST`` at most)."""
     plain = (bool, int, float, str, np.integer, np.floating, np.bool_)
-    return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in info.items()
-            if isinstance(v, plain) and not (isinstance(v, float) and not math.isfinite(v))}
+    out = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in info.items()
+           if isinstance(v, plain) and not (isinstance(v, float) and not math.isfinite(v))}
+    out.update({k: [int(i) for i in v] for k, v in info.items() if isinstance(v, (list, tuple))
+                and len(v) <= SHORT_LIST and all(isinstance(i, (int, np.integer)) and not isinstance(i, bool)
+                                                 for i in v)})
+    return out
 
 
 def line(cell: dict) -> str:

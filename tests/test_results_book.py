@@ -225,13 +225,16 @@ def test_bna_v2_table_on_gtsrb_names_its_dataset_and_keeps_a_source_subset_apart
                 defense_size=430, eval_size=12200, target_mode="all_to_one", seed=0, seconds=1.0)
     cells = [dict(cell, method="none", acc=0.97, asr=1.0),
              dict(cell, method="bna-sources-1-2-3", acc=0.96, asr=0.0, sia=0.9, targets=[14],
-                  tpr=1.0, fpr_target=0.1, fpr_all=0.01)]
+                  tpr=1.0, fpr_target=0.1, fpr_all=0.01),
+             dict(cell, method="nc", acc=0.97, asr=0.01, info={"infected": [14]}),
+             dict(cell, method="nc", seed=1, acc=0.97, asr=1.0, info={})]
     (tmp_path / "r.json").write_text(json.dumps({"settings": {}, "cells": cells}))
     text = bna_tables_v2.markdown(tables.CellRecord(tmp_path / "r.json", {}), "cmd")
     assert text.startswith("# BNA's tables 1 / 3 / 9 on zoo v2 (GTSRB ResNet-20)")
     row = next(line for line in text.splitlines() if "| bna-sources-1-2-3 |" in line)
     assert "targets [14]" in row and row.endswith("|  |")  # detector shown, paper column empty
     assert bna_tables_v2.paper_reference(cells[1]) is None  # GTSRB BadNet's t.5 row is the full search's
+    assert "| flagged [14], ? |" in next(line for line in text.splitlines() if "| nc |" in line)
 
 
 def test_februus_generator_ablation_keeps_out_of_the_main_filter_record_and_says_so(book, tmp_path, capsys):
@@ -258,3 +261,10 @@ def test_sections_sharing_a_title_name_their_records(book, tmp_path):
     assert [t.split("\n")[0] for t in texts] == ["## TSBD — record `tsbd_tables`", "## TSBD — record `tsbd_ablation`",
                                                   "## TAC"]
     assert texts[1].endswith("body of tsbd_ablation")
+
+
+def test_cell_info_keeps_short_integer_lists_such_as_the_labels_nc_flags(book):
+    import tables
+    info = {"infected": [np.int64(14)], "none_flagged": [], "norms": [1.5, 2.0], "pruned": list(range(100)),
+            "count": np.int32(3), "nan": float("nan")}
+    assert tables.scalars(info) == {"infected": [14], "none_flagged": [], "count": 3}
