@@ -305,13 +305,16 @@ def _februus_inpainter() -> str:
                      f"{tables.mean_std([c['acc'] for c in mine], digits=1)} / "
                      f"{tables.mean_std([c['asr'] for c in mine], digits=1, count=False)} with the defender's own")
     size = _record_settings("cetf_tables_v2_februus_train_inpainter").get("februus_train_images")
-    return (f" Clean ACC: an ablation trains the generator on {size} clean training images instead of the "
+    text = (f" Clean ACC: an ablation trains the generator on {size} clean training images instead of the "
             f"defender's 86 (`cetf_tables_v2_februus_train_inpainter.md`, the same seeds and inputs): "
-            + "; ".join(parts) + "."
-            + (" More training images for the same L1 generator do not raise clean ACC (largest gain "
-               f"{100 * max(gaps):+.1f} points), so the defender's small clean set is not what costs it; what remains "
-               "is the repainting itself: on clean inputs Grad-CAM marks the region the class relies on, and our "
-               "small L1-trained generator (not the paper's GAN) does not restore it well enough to keep the class." if max(gaps) < 0.05 else ""))
+            + "; ".join(parts) + ".")
+    if max(gaps) < 0.05:
+        text += (" More training images for the same L1 generator do not raise clean ACC (largest gain "
+                 f"{100 * max(gaps):+.1f} points), so the defender's small clean set is not what costs it; what "
+                 "remains is the repainting itself: on clean inputs Grad-CAM marks the region the class relies on, "
+                 "and our small L1-trained generator (not the paper's GAN) does not restore it well enough to keep "
+                 "the class.")
+    return text
 
 
 def _cetf_region_limit() -> str:
