@@ -364,7 +364,10 @@ def write_table(zoo_dir: Path = ZOO_DIR, variant: str = "v1") -> Path:
            "WaNet >= 0.90; CIFAR-10 ACC >= 0.90, SIG / WaNet >= 0.88, ASR >= 0.95, WaNet / all-to-all "
            ">= 0.85); for the thesis architectures the TAC thesis's table 5.4 mean less 0.03 ACC / 0.05 ASR. "
            "A row that misses its bar is shown as it is; \"stale\" marks a model trained before its "
-           "spec or recipe changed (kept until it is retrained).", "", *_trainer_check()] if variant == "v2" else []),
+           "spec or recipe changed (kept until it is retrained). Diagnostic models, not paper rows: "
+           + ", ".join(f"`resnet20-gtsrb-{name}`" for name in V2_GTSRB_DIAGNOSTIC)
+           + " (CETF's patch 8 px in from the corner, to test Februus away from the image border).", "",
+           *_trainer_check()] if variant == "v2" else []),
         "| run | model | dataset | attack | poison | recipe | train size | epochs | ACC | ASR | images/s "
         "| train min | backend |" + (" bar |" if variant == "v2" else ""),
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if variant == "v2" else ""),
