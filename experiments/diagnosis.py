@@ -21,14 +21,14 @@ RESULTS = HERE / "results"
 ZOO_V2 = HERE / "zoo-v2"
 
 
+def _record(record: str) -> dict:
+    """results/``record``.json ({"settings", "cells"}; empty when the record is missing)."""
+    path = RESULTS / f"{record}.json"
+    return json.loads(path.read_text()) if path.is_file() else {"settings": {}, "cells": []}
+
+
 def _cells(record: str) -> list[dict]:
-    path = RESULTS / f"{record}.json"
-    return json.loads(path.read_text())["cells"] if path.is_file() else []
-
-
-def _record_settings(record: str) -> dict:
-    path = RESULTS / f"{record}.json"
-    return json.loads(path.read_text())["settings"] if path.is_file() else {}
+    return _record(record)["cells"]
 
 
 def _pick(cells, run, method, k=15):
@@ -247,9 +247,11 @@ def cetf() -> str:
 def februus() -> str:
     from filter_tables import februus_coverage  # the filter table's own reading of its Februus cells
 
-    coverage = februus_coverage(_cells("cetf_tables_v2"))
+    cells = _cells("cetf_tables_v2")
+    coverage = februus_coverage(cells)
     if not coverage:
         return ("**Februus.** Record missing: `python experiments/filter_tables.py --methods februus`.")
+    mean_asr = {run: np.mean([c["asr"] for c in found["cells"]]) for run, found in coverage.items()}
     parts = []
     for run, found in coverage.items():
         group = found["cells"]
@@ -261,10 +263,9 @@ def februus() -> str:
             f"from the trigger's centre (median), the trigger's pixels get {found['cam_on_trigger_mean']:.2f} of the "
             f"peak (mean) and the whole trigger is removed on {100 * found['trigger_removed_share']:.1f}% of the "
             "inputs "
-            f"(ASR {100 * np.mean([c['asr'] for c in group]):.1f}% against "
+            f"(ASR {100 * mean_asr[run]:.1f}% against "
             f"{100 * (1 - found['trigger_removed_share']):.1f}% of inputs that keep part of their trigger)")
     text = "**Februus (paper, GTSRB ResNet-20: ACC 77.0 / ASR 0.5).** " + "; ".join(parts) + "."
-    mean_asr = {run: np.mean([c["asr"] for c in found["cells"]]) for run, found in coverage.items()}
     missed = [run for run, found in coverage.items() if found["trigger_removed_share"] < 0.5 and mean_asr[run] > 0.5]
     caught = [run for run, found in coverage.items() if found["trigger_removed_share"] >= 0.5 and mean_asr[run] <= 0.5]
     if missed:
@@ -283,19 +284,21 @@ def februus() -> str:
         text += (" The experiment that would separate model from method (Februus on a patch away from the border: "
                  "`python experiments/filter_tables.py --only resnet20-gtsrb-badnets-inner --methods februus`) "
                  "is not run yet.")
-    text += _februus_inpainter()
+    text += _februus_inpainter([c for c in cells if c["method"] == "februus"])
     return text
 
 
-def _februus_inpainter() -> str:
-    """What the ablation with a generator trained on the training split says about Februus' clean ACC."""
-    cells = [c for c in _cells("cetf_tables_v2_februus_train_inpainter") if c["method"] == "februus"]
+def _februus_inpainter(own_cells: list[dict]) -> str:
+    """What the ablation with a generator trained on the training split says about Februus' clean ACC,
+    against ``own_cells`` (the input-filter record's Februus cells, the defender's own generator)."""
+    ablation = _record("cetf_tables_v2_februus_train_inpainter")
+    cells = [c for c in ablation["cells"] if c["method"] == "februus"]
     if not cells:
         return (" Clean ACC stays below the paper's 77.0 everywhere; whether our generator, trained on the "
                 "defender's 86 images (the paper trains a GAN), is the cause is not measured yet "
                 "(`python experiments/filter_tables.py --record cetf_tables_v2_februus_train_inpainter "
                 "--februus-train-images 39209 --only resnet20-gtsrb-badnets-inner --methods februus`).")
-    own = {(c["run"], c["seed"]): c for c in _cells("cetf_tables_v2") if c["method"] == "februus"}
+    own = {(c["run"], c["seed"]): c for c in own_cells}
     parts, gaps = [], []
     for (run,), group in tables.group(cells, ("run",)).items():
         mine = [own[run, c["seed"]] for c in group if (run, c["seed"]) in own]
@@ -304,7 +307,7 @@ def _februus_inpainter() -> str:
                      f"{tables.mean_std([c['asr'] for c in group], digits=1, count=False)} with it, against "
                      f"{tables.mean_std([c['acc'] for c in mine], digits=1)} / "
                      f"{tables.mean_std([c['asr'] for c in mine], digits=1, count=False)} with the defender's own")
-    size = _record_settings("cetf_tables_v2_februus_train_inpainter").get("februus_train_images")
+    size = ablation["settings"].get("februus_train_images")
     text = (f" Clean ACC: an ablation trains the generator on {size} clean training images instead of the "
             f"defender's 86 (`cetf_tables_v2_februus_train_inpainter.md`, the same seeds and inputs): "
             + "; ".join(parts) + ".")

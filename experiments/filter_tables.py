@@ -123,13 +123,12 @@ def training_split_inpainter(dataset: str, count: int, data_dir) -> str:
     method's own generator is trained."""
     path = SCREENS / f"februus-inpainter-{dataset}-train{count}.npz"
     if not path.is_file():
-        images = stratified_subset(load(dataset, "train", data_dir), count, jax.random.key(0)).images
-        threshold = februus.resolved(februus.FebruusConfig(), dataset).cam_threshold
-        module, variables, losses = februus.train_inpainter(images, jax.random.key(0), cam_threshold=threshold)
+        images = stratified_subset(load(dataset, "train", data_dir), count, jax.random.key(0))
         SCREENS.mkdir(parents=True, exist_ok=True)
-        februus.save_inpainter(path, module, variables)
-        print(f"Februus generator on {count} training images: L1 {losses[:10].mean():.3f} -> "
-              f"{losses[-10:].mean():.3f}, saved to {path}", flush=True)
+        config = februus.resolved(februus.FebruusConfig(inpainter_out=str(path)), dataset)
+        _, _, info = februus.defender_inpainter(images, jax.random.key(0), config)  # trains and saves
+        print(f"Februus generator on {count} training images: L1 {info['inpainter_loss_first']:.3f} -> "
+              f"{info['inpainter_loss_last']:.3f}, saved to {path}", flush=True)
     return str(path)
 
 
