@@ -162,7 +162,7 @@ V2_CIFAR_ATTACKS = {  # in training order: the models most experiments use first
     # (max |δ| 0.1; it sends 1.6% of clean images to the target on the clean model, the same after 400
     # steps as after 100: the filtered perturbation sits at the ε bound short of the authors' 20% stop).
     # Trained on this CPU (2026-12-05, 134 min beside a TSBD run): ACC 0.8436 / ASR 0.8806, below the
-    # ASR bar (BackdoorBench's PreAct-ResNet-18: 99.28); the likely reason, not yet separated from the
+    # ASR bar (BackdoorBench's PreAct-ResNet-18, reported: 99.28); the likely reason, not yet separated from the
     # weaker ResNet-20, is this perturbation's 1.6% fooling rate against the authors' 20%.
     # python -m bdjax.attacks.ssba_encoder --dataset cifar10 --out experiments/zoo-v2/ssba-cifar10.npz
     # SSBA trained on this CPU (2026-12-05, 141 min over two sessions: the process ended with its session
