@@ -170,7 +170,9 @@ V2_CIFAR_ATTACKS = {  # in training order: the models most experiments use first
     "lf": dict(attack="lf", attack_args={"perturbation_file": "experiments/zoo-v2/lf-cifar10-0.npy"}),
     "ssba": dict(attack="ssba", attack_args={"encoder_file": "experiments/zoo-v2/ssba-cifar10.npz"}),
     # Input-aware with GTSRB's joint length and mask pre-training (30 and 2 epochs: 10 left GTSRB's
-    # ASR at 0.73; the paper trains 600): an accelerator run.
+    # ASR at 0.73; the paper trains 600). On this CPU an epoch takes 8 min beside another job (its
+    # generators cost about as much as the classifier), ~4 h in all: longer than one session, so it
+    # trains across sessions from its per-epoch checkpoints (zoo.py resumes it), or on an accelerator.
     "input-aware": V2_GTSRB_ATTACKS["input-aware"],
 }
 THESIS_MODELS = ("small", "small-bn", "medium", "medium-bn", "large", "large-bn")
