@@ -11,17 +11,23 @@ dataset's channel normalisation, evaluation in eval mode on the full 10,000-imag
 The default arguments are the recipe check ``r20-cifar10-clean-40ep-b256`` (bdjax: ACC 0.8669):
 if PyTorch lands at the same ACC the ceiling is the setting (data, schedule), not bdjax's trainer.
 
+``--jpeg-quality Q`` re-encodes every train and test image once more as JPEG at quality Q (PIL, 4:2:0
+chroma subsampling as the shared files) before training: a dose-response check of how much ACC the
+compression costs this recipe (the original PNG images are not available here to train on).
+
 Resumable: the state (model, optimizer, schedule, RNG, epoch) is written atomically after
 every epoch to ``--state`` and a rerun continues from it.
 
     pip install torch==2.13.0   # the CPU build; not a bdjax dependency
-    python experiments/torch_reference_train.py [--depth 20] [--epochs 40] [--batch-size 256] [--lr 0.2] [--seed 0]
+    python experiments/torch_reference_train.py [--depth 20] [--epochs 40] [--batch-size 256] [--lr 0.2] [--seed 0] \
+        [--jpeg-quality Q] [--threads N]
     # writes experiments/results/torch_reference_train.{json,md} (one row per setting and seed)
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -32,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from bdjax.data import load
@@ -69,6 +76,22 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
+def reencode(images: np.ndarray, quality: int) -> np.ndarray:
+    """Each uint8 HWC image saved as JPEG at ``quality`` (4:2:0, as the shared files) and decoded again."""
+    out = np.empty_like(images)
+    for i, image in enumerate(images):
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, "JPEG", quality=quality, subsampling=2)
+        out[i] = np.asarray(Image.open(buffer).convert("RGB"))
+    return out
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over images of the peak signal-to-noise ratio (dB) between two uint8 image stacks."""
+    mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).reshape(len(a), -1).mean(1)
+    return float(np.mean(10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-12))))
+
+
 def normalise(x: torch.Tensor) -> torch.Tensor:
     return (x - MEAN) / STD
 
@@ -85,8 +108,18 @@ def train(args) -> dict:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     train_set, test_set = load("cifar10", "train", args.data_dir), load("cifar10", "test", args.data_dir)
-    x_train, y_train = to_tensor(train_set.images), torch.from_numpy(np.asarray(train_set.labels, np.int64))
-    x_test, y_test = to_tensor(test_set.images), torch.from_numpy(np.asarray(test_set.labels, np.int64))
+    train_images, test_images = np.asarray(train_set.images), np.asarray(test_set.images)
+    data = {"data": "shared JPEG-75"}
+    if args.jpeg_quality is not None:
+        began = time.perf_counter()
+        reencoded = reencode(train_images, args.jpeg_quality)
+        data = {"data": f"shared JPEG-75 re-encoded at JPEG-{args.jpeg_quality}", "jpeg_quality": args.jpeg_quality,
+                "psnr_to_shared_db": round(psnr(reencoded, train_images), 2)}
+        train_images, test_images = reencoded, reencode(test_images, args.jpeg_quality)
+        print(f"re-encoded at quality {args.jpeg_quality} in {time.perf_counter() - began:.0f} s, "
+              f"PSNR to the shared images {data['psnr_to_shared_db']} dB", flush=True)
+    x_train, y_train = to_tensor(train_images), torch.from_numpy(np.asarray(train_set.labels, np.int64))
+    x_test, y_test = to_tensor(test_images), torch.from_numpy(np.asarray(test_set.labels, np.int64))
     steps_per_epoch = len(x_train) // args.batch_size  # drop the last partial batch, as bdjax does
     total = steps_per_epoch * args.epochs
     warmup = max(int(total * args.warmup), 1)
@@ -140,7 +173,7 @@ def train(args) -> dict:
 
     return {"setting": setting_name(args), "seed": args.seed, "model": f"resnet{args.depth}", "epochs": args.epochs,
             "batch_size": args.batch_size, "learning_rate": args.lr, "weight_decay": args.weight_decay, "warmup_fraction": args.warmup,
-            "acc": accuracy(model, x_test, y_test), "test_size": len(x_test),
+            **data, "acc": accuracy(model, x_test, y_test), "test_size": len(x_test),
             "final_train_accuracy": history[-1]["accuracy"], "train_seconds": round(seconds, 1),
             "images_per_second": round(seen * args.epochs / seconds, 1) if seconds else None,
             "torch": torch.__version__, "threads": args.threads, "machine": platform.processor() or platform.machine(),
@@ -148,11 +181,14 @@ def train(args) -> dict:
 
 
 def setting_name(args) -> str:
-    return f"r{args.depth}-cifar10-clean-{args.epochs}ep-b{args.batch_size}-lr{args.lr:g}-wd{args.weight_decay:g}"
+    name = f"r{args.depth}-cifar10-clean-{args.epochs}ep-b{args.batch_size}-lr{args.lr:g}-wd{args.weight_decay:g}"
+    return name if args.jpeg_quality is None else f"{name}-jpeg{args.jpeg_quality}"
 
 
 def bdjax_twin(row: dict) -> tuple[str, dict] | None:
     """(name, record) of bdjax's clean CIFAR-10 model of the row's depth and recipe, if one is committed."""
+    if row.get("jpeg_quality") is not None:  # bdjax trained only on the shared images
+        return None
     here = Path(__file__).resolve().parent
     wanted = {"epochs": row["epochs"], "batch_size": row["batch_size"], "learning_rate": row["learning_rate"],
               "weight_decay": row["weight_decay"], "warmup_fraction": row["warmup_fraction"], "optimizer": "sgd",
@@ -179,18 +215,23 @@ def write(rows: list[dict]) -> None:
             row["bdjax"] = {"run": name, "acc": record["metrics"]["acc"], "final_train_accuracy": ours[-1],
                             "max_train_accuracy_gap": max(abs(a - b) for a, b in zip(ours, theirs))}
     (RESULTS / f"{NAME}.json").write_text(json.dumps({"rows": rows}, indent=1) + "\n")
-    lines = ["# CIFAR-10 ResNets trained by a plain PyTorch loop (bdjax's recipe, the same JPEG-75 data)", "",
+    lines = ["# CIFAR-10 ResNets trained by a plain PyTorch loop (bdjax's recipe, the JPEG-75 data)", "",
              "Written by `experiments/torch_reference_train.py`. bdjax's run of the same recipe (a committed "
-             "recipe check or zoo v2 model) beside it; the last column is the largest difference between the two "
-             "per-epoch training accuracies (augmented batches, train mode).", "",
-             "| setting | seed | PyTorch ACC (10,000 test images) | PyTorch final train acc | bdjax run | bdjax ACC | "
-             "bdjax final train acc | max per-epoch train acc gap | PyTorch images/s | PyTorch train s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "recipe check or zoo v2 model) beside it; \"max per-epoch train acc gap\" is the largest difference "
+             "between the two per-epoch training accuracies (augmented batches, train mode). Rows with a "
+             "`-jpegQ` setting train and test on the shared images re-encoded once more at JPEG quality Q "
+             "(`--jpeg-quality Q`; PSNR to the shared images beside it): how much ACC further compression costs.", "",
+             "| setting | seed | data | PyTorch ACC (10,000 test images) | PyTorch final train acc | bdjax run | "
+             "bdjax ACC | bdjax final train acc | max per-epoch train acc gap | PyTorch images/s | PyTorch train s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         twin = row.get("bdjax")
         ours = (f"{twin['run']} | {twin['acc']:.4f} | {twin['final_train_accuracy']:.4f} | "
                 f"{twin['max_train_accuracy_gap']:.4f}") if twin else "none | | |"
-        lines.append(f"| {row['setting']} | {row['seed']} | {row['acc']:.4f} | {row['final_train_accuracy']:.4f} | "
+        data = row.get("data", "shared JPEG-75")
+        if "psnr_to_shared_db" in row:
+            data += f" (PSNR {row['psnr_to_shared_db']} dB)"
+        lines.append(f"| {row['setting']} | {row['seed']} | {data} | {row['acc']:.4f} | {row['final_train_accuracy']:.4f} | "
                      f"{ours} | {row['images_per_second']} | {row['train_seconds']} |")
     (RESULTS / f"{NAME}.md").write_text("\n".join(lines) + "\n")
 
@@ -206,16 +247,25 @@ def main() -> None:
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--warmup", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jpeg-quality", type=int, default=None,
+                        help="re-encode train and test images at this JPEG quality (1-95) before training")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--state", default=None, help="per-epoch state file (default runs/torch-reference/SETTING-sSEED.pt)")
     args = parser.parse_args()
+    if args.jpeg_quality is not None and not 1 <= args.jpeg_quality <= 95:
+        parser.error(f"--jpeg-quality must be in 1..95 (PIL's useful range), got {args.jpeg_quality}")
     args.state = args.state or f"runs/torch-reference/{setting_name(args)}-s{args.seed}.pt"
     record = RESULTS / f"{NAME}.json"
-    rows = json.loads(record.read_text())["rows"] if record.exists() else []
-    if any(r["setting"] == setting_name(args) and r["seed"] == args.seed for r in rows):
+
+    def recorded() -> list[dict]:
+        return json.loads(record.read_text())["rows"] if record.exists() else []
+
+    if any(r["setting"] == setting_name(args) and r["seed"] == args.seed for r in recorded()):
         print(f"{setting_name(args)} seed {args.seed} is recorded; table rewritten")
+        rows = recorded()
     else:
-        rows.append(train(args))
+        row = train(args)
+        rows = recorded() + [row]  # read again: another setting may have finished while this one trained
     write(rows)
     print(json.dumps({k: v for k, v in rows[-1].items() if k != "history"}))
 
