@@ -49,7 +49,7 @@ def test_the_diagnosis_reads_the_stored_records_and_names_the_missing_ones(book,
     monkeypatch.setattr(diagnosis, "RESULTS", tmp_path)  # no records: each paragraph names its command
     empty = diagnosis.section()
     assert empty.count("Record missing") + empty.count("Records missing") == 9
-    assert "tsbd_tables.py" in empty and "cetf_tables.py" in empty and "tac_tables.py" in empty
+    assert "tsbd_tables.py" in empty and "tac_tables.py" in empty
     assert "suspicion_diagnosis.py" in empty and "bna_tables_v2.py" in empty and "filter_tables.py" in empty
 
 
