@@ -20,10 +20,14 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
+
 from bdjax import checkpoint
 from bdjax.defenses import clp, suspicion
 from bdjax.evaluation import evaluate_model
 from bdjax.runs import split_for_defense
+
+import tables  # noqa: E402  (experiments/tables.py: this folder is on the path when a script of it runs)
 
 ZOO_DIR = Path(__file__).resolve().parent / "zoo"
 # Hashemifar et al., Table I (CIFAR-10 ResNet-18, 10 clean images, average of 4 attacks).
@@ -95,26 +99,32 @@ def main(argv=None):
 
 
 def ablation_table(records: list[dict]) -> str:
-    """Per model: a row per heuristic, a column per μ, cells "ASR / ACC (channels pruned)"."""
+    """Per model: a row per heuristic, a column per μ, cells "ASR / ACC (channels pruned)"; rows of
+    several seeds (same model, heuristic and μ) give mean ± sample std and the mean count."""
     lines = []
     for model in dict.fromkeys(r["model"] for r in records):
         rows = [r for r in records if r["model"] == model and r["method"] == "suspicion"]
-        none = next(r for r in records if r["model"] == model and r["method"] == "none")
+        none = [r for r in records if r["model"] == model and r["method"] == "none"]
         mus = sorted({r["mu"] for r in rows}, reverse=True)
-        lines += [f"**{model}** (no defense: ASR {100 * none['asr']:.2f} / ACC {100 * none['acc']:.2f} %)", "",
+        rate = lambda group, key: tables.mean_std([r[key] for r in group], digits=1, count=False)  # noqa: E731
+        before = lambda key: tables.mean_std([r[key] for r in none], count=False)  # noqa: E731
+        lines += [f"**{model}** (no defense: ASR {before('asr')} / ACC {before('acc')} %"
+                  + (f", {len(none)} seeds)" if len(none) > 1 else ")"), "",
                   "| heuristic | " + " | ".join(f"μ = {mu:g}" for mu in mus) + " |",
                   "|---|" + "---|" * len(mus)]
         for heuristic in dict.fromkeys(r["heuristic"] for r in rows):
-            cells = {r["mu"]: r for r in rows if r["heuristic"] == heuristic}
+            cells = {mu: [r for r in rows if r["heuristic"] == heuristic and r["mu"] == mu] for mu in mus}
             lines.append(f"| {heuristic} | " + " | ".join(
-                "{:.1f} / {:.1f} ({})".format(100 * cells[mu]["asr"], 100 * cells[mu]["acc"], cells[mu]["pruned"])
-                for mu in mus) + " |")
+                "{} / {} ({:g})".format(rate(cells[mu], "asr"), rate(cells[mu], "acc"),
+                                        round(float(np.mean([r["pruned"] for r in cells[mu]])), 1))
+                if cells[mu] else "–" for mu in mus) + " |")
         lines.append("")
     return "\n".join(lines)
 
 
 def plot_mu_curves(records: list[dict], out: Path):
-    """One panel per model: ASR (solid) and ACC (dashed) against μ, a colour per heuristic."""
+    """One panel per model: ASR (solid) and ACC (dashed) against μ, a colour per heuristic (the mean
+    over the rows of a model, heuristic and μ: several seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -125,10 +135,11 @@ def plot_mu_curves(records: list[dict], out: Path):
     for ax, model in zip(axes[0], models):
         rows = [r for r in records if r["model"] == model and r["method"] == "suspicion"]
         for i, heuristic in enumerate(dict.fromkeys(r["heuristic"] for r in rows)):
-            mine = sorted((r for r in rows if r["heuristic"] == heuristic), key=lambda r: r["mu"])
-            mus = [r["mu"] for r in mine]
-            ax.plot(mus, [100 * r["asr"] for r in mine], "-o", color=f"C{i}", ms=3, label=f"{heuristic} ASR")
-            ax.plot(mus, [100 * r["acc"] for r in mine], "--", color=f"C{i}", label=f"{heuristic} ACC")
+            mus = sorted({r["mu"] for r in rows if r["heuristic"] == heuristic})
+            mean = lambda key: [100 * np.mean([r[key] for r in rows  # noqa: E731
+                                               if r["heuristic"] == heuristic and r["mu"] == mu]) for mu in mus]
+            ax.plot(mus, mean("asr"), "-o", color=f"C{i}", ms=3, label=f"{heuristic} ASR")
+            ax.plot(mus, mean("acc"), "--", color=f"C{i}", label=f"{heuristic} ACC")
         ax.set(title=model, xlabel="μ", ylabel="%", ylim=(-2, 102))
     axes[0][0].legend(fontsize=7)
     fig.tight_layout(), fig.savefig(out, dpi=120), plt.close(fig)

@@ -269,3 +269,15 @@ def test_cell_info_keeps_short_integer_lists_such_as_the_labels_nc_flags(book):
     info = {"infected": [np.int64(14)], "none_flagged": [], "norms": [1.5, 2.0], "pruned": list(range(100)),
             "count": np.int32(3), "nan": float("nan")}
     assert tables.scalars(info) == {"infected": [14], "none_flagged": [], "count": 3}
+
+
+def test_the_suspicion_ablation_table_averages_the_seeds_of_a_cell_and_keeps_one_seed_as_it_was(book):
+    from suspicion_sweep import ablation_table
+    rows = [dict(model="m", method="none", asr=1.0, acc=0.9)]
+    rows += [dict(model="m", method="suspicion", heuristic="score", mu=3.0, asr=asr, acc=acc, pruned=pruned)
+             for asr, acc, pruned in [(0.5, 0.8, 2), (0.3, 0.7, 3)]]
+    rows += [dict(model="m", method="suspicion", heuristic="spectral", mu=2.0, asr=0.0, acc=0.1, pruned=50)]
+    table = ablation_table(rows)
+    assert "| score | 40.0 ± 14.1 / 75.0 ± 7.1 (2.5) | – |" in table  # two seeds; no μ = 2 row measured
+    assert "| spectral | – | 0.0 / 10.0 (50) |" in table
+    assert "(no defense: ASR 100.00 / ACC 90.00 %)" in table
