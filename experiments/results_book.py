@@ -166,7 +166,8 @@ DER = [max(0, ΔASR) − max(0, ΔACC) + 1] / 2 with Δ = before − after (0.5:
 
 # Experiment files in reading order; any other results/*.md follows alphabetically.
 ORDER = ["cetf_tables_v2.md", "cetf_tables_v2_februus_train_inpainter.md", "cetf_tables.md",
-         "suspicion_table.md", "suspicion_table_zoo_v1.md", "suspicion_cifar10.md", "suspicion_clp_gtsrb.md",
+         "suspicion_table.md", "suspicion_ablation.md", "suspicion_table_zoo_v1.md", "suspicion_cifar10.md",
+         "suspicion_clp_gtsrb.md",
          "tac_tables_v2.md", "tac_tables.md", "bna_tables_v2.md", "bna_tables_v2_gtsrb.md", "bna_tables.md",
          "tsbd_tables.md", "sweep_benchmark.md", "defense_benchmark.md", "defense_benchmark_zoo_v1.md"]
 
