@@ -239,8 +239,8 @@ def cetf() -> str:
             f"({100 * np.mean(clean) / image:.0f}% of the image, the sign's pictogram). Pasting a pictogram "
             "onto other signs makes them look like the input's class, so the paste-and-filter test passes on "
             f"clean inputs; the fitness's area term s²/S is {np.mean(clean) ** 2 / image:.0f} for a clean region "
-            f"of {np.mean(clean):.0f} pixels against 1,000 per flipped image, so it cannot reject them. This is the method as "
-            "written meeting a model whose classes are carried by small central regions, not a numerical "
+            f"of {np.mean(clean):.0f} pixels against 1,000 per flipped image, so it cannot reject them. This is "
+            "the method as written meeting a model whose classes are carried by small central regions, not a numerical "
             "bug: the triggered regions are where the trigger is." + _cetf_region_limit())
 
 

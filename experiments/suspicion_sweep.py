@@ -27,7 +27,7 @@ from bdjax.defenses import clp, suspicion
 from bdjax.evaluation import evaluate_model
 from bdjax.runs import split_for_defense
 
-import tables  # noqa: E402  (experiments/tables.py: this folder is on the path when a script of it runs)
+import tables  # experiments/tables.py: this folder is on the path when a script of it runs
 
 ZOO_DIR = Path(__file__).resolve().parent / "zoo"
 # Hashemifar et al., Table I (CIFAR-10 ResNet-18, 10 clean images, average of 4 attacks).
