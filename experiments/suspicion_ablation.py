@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 from bdjax.defenses import suspicion
-from bdjax.evaluation import evaluate_model
 from bdjax.metrics import defense_effectiveness_rating
 from bdjax.runs import split_for_defense
 
@@ -59,14 +58,10 @@ def measure_seed(run, name: str, seed: int, record: tables.CellRecord, mus, args
     base = dict(run=name, attack=run.record["spec"]["attack"], dataset=run.dataset, model=run.record["model"],
                 k=1, seed=seed, defense_size=len(clean), eval_size=len(sets.clean), triggered_size=len(sets.triggered))
 
-    def rates(variables) -> dict:
-        report = evaluate_model(run.module, variables, sets)
-        return {"acc": report.acc, "asr": report.asr}
-
     before = record.find(run=name, seed=seed, method="none")
     if before is None:
         before = dict(base, method="none", heuristic=None, mu=None, pruned=0, der=None, seconds=None,
-                      **rates(run.variables))
+                      **tables._model_rates(run.module, run.variables, sets))
         record.add(before)
         print(tables.line(before), flush=True)
     started = time.perf_counter()
@@ -78,7 +73,7 @@ def measure_seed(run, name: str, seed: int, record: tables.CellRecord, mus, args
         for mu, (variables, pruned) in zip(mine, suspicion.sweep_mu(run.module, run.variables, scores, mine, heuristic)):
             key = tuple(sorted((unit, tuple(int(i) for i in idx)) for unit, idx in pruned.items() if len(idx)))
             if key not in measured:
-                measured[key] = rates(variables)
+                measured[key] = tables._model_rates(run.module, variables, sets)
             count = sum(len(idx) for _, idx in key)
             cell = dict(base, method="suspicion", heuristic=heuristic, mu=mu, pruned=count, seconds=seconds,
                         der=defense_effectiveness_rating(before["acc"], before["asr"], measured[key]["acc"],
