@@ -3,6 +3,8 @@
     BDJAX_DATA_DIR=../shared/data python experiments/repair_tables.py          # resumes
     BDJAX_DATA_DIR=../shared/data python experiments/repair_tables.py --only resnet20-gtsrb-blended --seeds 0
     BDJAX_DATA_DIR=../shared/data python experiments/repair_tables.py --table-only
+    BDJAX_DATA_DIR=../shared/data python experiments/repair_tables.py --record repair_tables_epochs30 --epochs 30 \
+        --only resnet20-gtsrb-badnets-br resnet20-gtsrb-blended --sources attack --ks 2 4   # an ablation: 10x the steps
 
 The three repairs of ``bdjax.defenses.bn_repair`` (BN-cleaning, BN-unlearning, naive unlearning;
 ``RepairConfig``'s defaults: 3 epochs, batches of 32, SGD 0.01, λ 0.1) with k triggered clean
@@ -52,6 +54,7 @@ PLAN = {FIG9_RUN: (("cetf", "attack"), (1, 2, 3, 4)),
         "resnet20-gtsrb-blended": (("attack",), (2,)),
         "resnet20-gtsrb-wanet": (("attack",), (2,)),
         "resnet20-gtsrb-sig": (("attack",), (2,))}
+REPAIR_DEFAULTS = bn_repair.RepairConfig()
 METHODS = tuple(f"{source}+{repair}" for source in ("cetf", "attack") for repair in bn_repair.REPAIRS)
 
 # Tables VII / VIII (GTSRB ResNet-20, the attack's samples): ACC before, then ACC / ASR after each repair.
@@ -112,8 +115,13 @@ def cetf_triggers(run, clean, sets, count: int, key) -> tuple[list, dict]:
 
 
 def measure_seed(run, name: str, seed: int, record: tables.CellRecord, args):
-    """Every missing cell of (``name``, ``seed``)."""
+    """Every missing cell of (``name``, ``seed``) (``PLAN``'s sources and k, cut to ``args.sources`` /
+    ``args.ks`` where given)."""
     sources, ks = PLAN[name]
+    sources = tuple(s for s in sources if not args.sources or s in args.sources)
+    ks = tuple(k for k in ks if not args.ks or k in args.ks)
+    if not sources or not ks:
+        return
     todo = [(f"{s}+{r}", k) for s in sources for k in ks for r in bn_repair.REPAIRS
             if record.find(run=name, k=k, seed=seed, method=f"{s}+{r}") is None]
     if not todo and all(record.find(run=name, k=k, seed=seed, method="none") for k in ks):
@@ -148,7 +156,8 @@ def measure_seed(run, name: str, seed: int, record: tables.CellRecord, args):
             started = time.perf_counter()
             new, repair_info = bn_repair.repair_with_triggers(repair, run.module, run.variables, clean,
                                                               triggers[source], data_key, train_key,
-                                                              bn_repair.RepairConfig(per_class=k))
+                                                              bn_repair.RepairConfig(per_class=k, epochs=args.epochs,
+                                                                                     learning_rate=args.learning_rate))
             jax.block_until_ready(new)
             seconds = time.perf_counter() - started
             info["repair_size"] = repair_info["repair_size"]
@@ -192,8 +201,12 @@ def markdown(record: tables.CellRecord, command: str) -> str:
         "\"flagged\" is how many of each it flagged (mean over seeds), and every flagged region is pasted. "
         "`attack+*`: the attack's own trigger (Tables VII / VIII's \"poisoned samples for each class\"; on "
         "BadNets an oracle of a perfect extraction). Repairs at `RepairConfig`'s defaults (3 epochs, "
-        "batches of 32, SGD lr 0.01, λ 0.1; not tuned per model). Seconds: the repair alone, on the machine "
-        "that ran it (a shared 2-core CPU for the committed record).",
+        "batches of 32, SGD lr 0.01, λ 0.1; not tuned per model) unless the line below says otherwise. "
+        "Seconds: the repair alone, on the machine that ran it (a shared 2-core CPU for the committed record).",
+        *([] if not set(record.settings) - {"suspects"} else [
+            "", "**Ablation, not the paper's repair as `RepairConfig` runs it:** " + ", ".join(
+                f"{key.replace('_', ' ')} {value}" for key, value in record.settings.items() if key != "suspects")
+            + " (chosen to see whether more or larger steps reach the paper's numbers; not a setting of the method)."]),
         "",
         "**Paper column: reported, not measured here** (GTSRB ResNet-20 at 99.3-99.97% ACC): Tables VII / "
         "VIII for the attack's samples (k not stated; the paper's default is 2), and for "
@@ -211,12 +224,24 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--suspects", type=int, default=4,
                         help="triggered and clean inputs each that CETF screens for the cetf+* repairs")
+    parser.add_argument("--sources", nargs="+", choices=("cetf", "attack"), help="only these trigger sources")
+    parser.add_argument("--ks", type=int, nargs="+", help="only these k (images per class)")
+    parser.add_argument("--epochs", type=int, default=REPAIR_DEFAULTS.epochs,
+                        help="repair epochs (not the default: an ablation, to its own --record)")
+    parser.add_argument("--learning-rate", type=float, default=REPAIR_DEFAULTS.learning_rate,
+                        help="the unlearning's SGD rate (not the default: an ablation, to its own --record)")
     parser.add_argument("--record", default=RECORD, help="results/NAME.{json,md}")
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--data-dir", default=os.environ.get("BDJAX_DATA_DIR"))
     args = parser.parse_args(argv)
-    record = tables.CellRecord(tables.RESULTS / f"{args.record}.json", {"suspects": args.suspects})
+    settings = {"suspects": args.suspects}
+    changed = {key: value for key, value in (("epochs", args.epochs), ("learning_rate", args.learning_rate))
+               if value != getattr(REPAIR_DEFAULTS, key)}
+    if changed and args.record == RECORD:
+        parser.error(f"{changed} is an ablation of the paper's repair settings: write it to its own --record")
+    record = tables.CellRecord(tables.RESULTS / f"{args.record}.json", {**settings, **changed})
     command = "python experiments/repair_tables.py" + ("" if args.record == RECORD else f" --record {args.record}")
+    command += "".join(f" --{key.replace('_', '-')} {value}" for key, value in changed.items())
     out = tables.RESULTS / f"{args.record}.md"
     for name in [] if args.table_only else args.only:
         run = tables.zoo_run("v2", name)

@@ -41,7 +41,8 @@ BACKDOORBENCH_CIFAR10 = {"BadNets": (91.32, 95.03), "Blended": (93.47, 99.92), "
 # JSON cell records (experiments/tables.py) that feed the generated summary, with the table
 # script that wrote each; the script's ``paper_reference(cell)`` gives the paper's row for a cell.
 SUMMARY_SOURCES = {"tsbd_tables": "tsbd_tables", "suspicion_table": "suspicion_table",
-                   "tac_tables_v2": "tac_tables", "cetf_tables_v2": "filter_tables", "bna_tables_v2": "bna_tables_v2"}
+                   "tac_tables_v2": "tac_tables", "cetf_tables_v2": "filter_tables", "bna_tables_v2": "bna_tables_v2",
+                   "repair_tables": "repair_tables"}
 
 VERDICT_RULE = (
     "Verdict (SPEC.md's reproduction rule), from the mean over seeds of the defended ASR and of the "
@@ -165,7 +166,7 @@ DER = [max(0, ΔASR) − max(0, ΔACC) + 1] / 2 with Δ = before − after (0.5:
 """
 
 # Experiment files in reading order; any other results/*.md follows alphabetically.
-ORDER = ["cetf_tables_v2.md", "cetf_tables_v2_februus_train_inpainter.md", "cetf_tables.md",
+ORDER = ["cetf_tables_v2.md", "cetf_tables_v2_februus_train_inpainter.md", "repair_tables.md", "cetf_tables.md",
          "suspicion_table.md", "suspicion_ablation.md", "suspicion_table_zoo_v1.md", "suspicion_cifar10.md",
          "suspicion_clp_gtsrb.md",
          "tac_tables_v2.md", "tac_tables.md", "bna_tables_v2.md", "bna_tables_v2_gtsrb.md", "bna_tables.md",

@@ -281,3 +281,29 @@ def test_the_suspicion_ablation_table_averages_the_seeds_of_a_cell_and_keeps_one
     assert "| score | 40.0 ± 14.1 / 75.0 ± 7.1 (2.5) | – |" in table  # two seeds; no μ = 2 row measured
     assert "| spectral | – | 0.0 / 10.0 (50) |" in table
     assert "(no defense: ASR 100.00 / ACC 90.00 %)" in table
+
+
+def test_the_summary_reads_the_repair_cells_against_tables_vii_viii_and_fig_9_text_only(book, monkeypatch, tmp_path):
+    """Tables VII / VIII (attack's samples, k = 2) and Fig. 9's stated values (CETF's triggers) give paper
+    rows; the attack-trigger oracle on BadNets and other k have none, so they stay out of the summary."""
+    import repair_tables
+    blended = dict(run="resnet20-gtsrb-blended", model="resnet20", attack="blended", dataset="gtsrb", k=2)
+    paper = repair_tables.paper_reference({**blended, "method": "attack+bn-clean"})
+    assert (paper["acc_before"], paper["acc"], paper["asr"]) == (0.9933, 0.9301, 0.011)
+    assert repair_tables.paper_reference({**blended, "k": 3, "method": "attack+bn-clean"}) is None
+    badnets = dict(run=repair_tables.FIG9_RUN, model="resnet20", attack="badnets", dataset="gtsrb", k=1)
+    assert repair_tables.paper_reference({**badnets, "method": "cetf+bn-clean"})["asr"] == 0.0026
+    assert repair_tables.paper_reference({**badnets, "k": 2, "method": "cetf+bn-clean"}) is None
+    assert repair_tables.paper_reference({**badnets, "method": "attack+bn-unlearn"}) is None
+    cells = [dict(blended, seed=s, method=m, acc=a, asr=r, der=None, seconds=1.0, info={})
+             for s in (0, 1, 2) for m, a, r in (("none", 0.976, 1.0), ("attack+bn-unlearn", 0.970, 0.6),
+                                                ("attack+unlearn", 0.75, 0.3))]
+    (tmp_path / "repair_tables.json").write_text(json.dumps({"settings": {"suspects": 4}, "cells": cells}))
+    monkeypatch.setattr(book, "RESULTS", tmp_path)
+    rows = [line for line in book.measured_summary().splitlines() if "resnet20-gtsrb-blended" in line]
+    assert [r.split(" | ")[0] for r in rows] == ["| attack+bn-unlearn", "| attack+unlearn"]
+    assert all("| not |" in r and "| same; paper's k not stated, its default 2 |" in r for r in rows)
+    table = repair_tables.markdown(types.SimpleNamespace(cells=cells, settings={"suspects": 4},
+                                                         path=tmp_path / "repair_tables.json"), "cmd")
+    assert "| resnet20-gtsrb-blended | none | – | 97.60 ± 0.00 (n=3) | 100.00 ± 0.00 |" in table
+    assert "| 99.33 / – |" in table and "99.77 / 0.00" in table
