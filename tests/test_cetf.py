@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from bdjax import defenses
+from bdjax.data.dataset import GTSRB, Dataset
 from bdjax.defenses import bn_repair, cetf, gradcam
 from bdjax.models.inference import predict
 from bdjax.surgery import batch_moments
@@ -164,6 +165,20 @@ def test_bn_methods_on_a_model_without_batch_norm_raise(tiny_model, images, rand
     with pytest.raises(ValueError, match="repair must be one of"):
         bn_repair.repair_with_triggers("bn-reset", module, variables, random_dataset, [trigger],
                                        jax.random.key(0), jax.random.key(1))
+
+
+def test_bn_cleaning_splits_the_repair_set_into_near_equal_batches(tiny_model, monkeypatch):
+    """129 repair images at batch 32 (3 per class on GTSRB) give batches of 26 and 25, not four of
+    32 and a 1-image remainder whose moments would move the running statistics as far as a batch's."""
+    module, variables = tiny_model("medium-bn")
+    clean = Dataset(np.zeros((129, 32, 32, 3), np.uint8), np.arange(129) % 43, GTSRB)
+    sizes = []
+    monkeypatch.setattr(bn_repair, "bn_cleaning", lambda module, variables, images, momentum: sizes.append(len(images))
+                        or variables)
+    trigger = cetf.Trigger(np.full((2, 2, 3), 255, np.uint8), 0, 0)
+    bn_repair.repair_with_triggers("bn-clean", module, variables, clean, [trigger], jax.random.key(0),
+                                   jax.random.key(1), bn_repair.RepairConfig(per_class=3))
+    assert sizes == [26, 26, 26, 26, 25] * 3
 
 
 def test_repairs_need_inputs_to_screen(tiny_model, random_dataset):

@@ -177,12 +177,15 @@ def repair_with_triggers(kind: str, module, variables, clean: Dataset, triggers:
     repair_set = triggered_repair_set(clean, triggers, config.per_class, data_key)
     info = {"repair_size": len(repair_set)}
     if kind == "bn-clean":
+        # ceil(n / batch_size) batches of near-equal size: every image is used and no batch is a
+        # remainder of a few images (one image's moments would move the running statistics as far as a
+        # full batch's do, by λ).
+        batches = -(-len(repair_set) // config.batch_size)
         new = variables
         for epoch in range(config.epochs):
             order = np.random.default_rng(epoch).permutation(len(repair_set))
-            for start in range(0, len(order), config.batch_size):
-                new = bn_cleaning(module, new, repair_set.images[order[start:start + config.batch_size]],
-                                  config.momentum)
+            for chosen in np.array_split(order, batches):
+                new = bn_cleaning(module, new, repair_set.images[chosen], config.momentum)
         return new, info
     repair = bn_unlearning if kind == "bn-unlearn" else naive_unlearning
     new, losses = repair(module, variables, repair_set, train_key, epochs=config.epochs,
