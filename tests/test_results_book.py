@@ -307,3 +307,23 @@ def test_the_summary_reads_the_repair_cells_against_tables_vii_viii_and_fig_9_te
                                                          path=tmp_path / "repair_tables.json"), "cmd")
     assert "| resnet20-gtsrb-blended | none | – | 97.60 ± 0.00 (n=3) | 100.00 ± 0.00 |" in table
     assert "| 99.33 / – |" in table and "99.77 / 0.00" in table
+
+
+def test_table_iv_population_rows_show_the_asr_left_beside_the_paper_and_stay_out_of_the_summary(book, monkeypatch,
+                                                                                                 tmp_path):
+    """A ``cetf-popP`` cell measures only the triggered inputs (ACC / FPR / DER None): its table row says
+    so with dashes, gives Table IV's ASR beside it, and the summary (which needs an ACC cost) skips it."""
+    import filter_tables
+    cell = dict(run="resnet20-gtsrb-badnets-br", model="resnet20", attack="badnets", dataset="gtsrb", k=2,
+                triggered_size=200, eval_size=200, seconds=1.0)
+    cells = [dict(cell, seed=s, method="none", acc=0.97, asr=1.0, tpr=0.0, fpr=0.0, der=None, info={}) for s in (0, 1)]
+    cells += [dict(cell, seed=s, method="cetf-pop10", acc=None, asr=a, tpr=1 - a, fpr=None, der=None,
+                   info={"population": 10, "per_input_s": 5.0}) for s, a in ((0, 0.04), (1, 0.06))]
+    record = types.SimpleNamespace(cells=cells, settings={"inputs": 200, "calibration_size": 10, "per_class": 2},
+                                   path=tmp_path / "cetf_tables_v2.json")
+    table = filter_tables.markdown(record, "cmd")
+    assert ("| resnet20-gtsrb-badnets-br | cetf-pop10 | – | 5.00 ± 1.41 | 95.00 ± 1.41 | – | – | 5.00 | "
+            "– / 15.49 (t. IV) |") in table
+    (tmp_path / "cetf_tables_v2.json").write_text(json.dumps({"settings": {}, "cells": cells}))
+    monkeypatch.setattr(book, "RESULTS", tmp_path)
+    assert "cetf-pop10" not in book.measured_summary()
