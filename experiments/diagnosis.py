@@ -244,6 +244,66 @@ def cetf() -> str:
             "bug: the triggered regions are where the trigger is." + _cetf_region_limit())
 
 
+REPAIR_RUN = "resnet20-gtsrb-badnets-br"
+REPAIR_ABLATION = "repair_tables_epochs30"
+
+
+def _repair_asr(cells: list[dict], run: str, method: str, k: int) -> str:
+    return tables.mean_std([c["asr"] for c in _pick(cells, run, method, k=k)], digits=1, count=False)
+
+
+def _repair_cost(cells: list[dict], run: str, method: str, k: int) -> str:
+    return tables.mean_std(_acc_costs(_pick(cells, run, method, k=k), cells), digits=1, count=False)
+
+
+def cetf_repairs() -> str:
+    """Fig. 9 / Tables VII / VIII: the search (CETF's triggers against the attack's own) and the
+    repair's steps (RepairConfig's 3 epochs against the epochs ablation)."""
+    from bdjax.defenses.bn_repair import RepairConfig
+
+    cells = _cells("repair_tables")
+    head = "**CETF's repairs (Fig. 9: BN-unlearning ASR 0 from 1 image per class; Tables VII / VIII: 0 on every attack).** "
+    cetf_cells = [c for c in cells if c["run"] == REPAIR_RUN and c["method"] == "cetf+bn-unlearn"]
+    if not cetf_cells:
+        return head + "Record missing: `python experiments/repair_tables.py`."
+    ks = sorted({c["k"] for c in cetf_cells})
+    flagged = [c["info"] for c in cetf_cells if "flagged_triggered" in c["info"]]
+    suspects = _record("repair_tables")["settings"]["suspects"]
+    per_k = lambda method: " / ".join(_repair_asr(cells, REPAIR_RUN, method, k) for k in ks)  # noqa: E731
+    config, classes = RepairConfig(), 43
+    steps = [(classes * k // config.batch_size) * config.epochs for k in ks]
+    text = (head + f"On {REPAIR_RUN} CETF flags {np.mean([f['flagged_triggered'] for f in flagged]):.1f} of {suspects} "
+            f"triggered and {np.mean([f['flagged_clean'] for f in flagged]):.1f} of {suspects} clean suspects (mean over "
+            f"{len({c['seed'] for c in cetf_cells})} seeds), so clean-sign regions are pasted beside the trigger. "
+            f"BN-unlearning leaves ASR {per_k('cetf+bn-unlearn')} at k = {', '.join(map(str, ks))} with CETF's triggers "
+            f"and {per_k('attack+bn-unlearn')} with the attack's own: the gap between the two rows is the search's "
+            "false positives, the gap from the attack's row to the paper's 0 is the repair. BN-cleaning leaves "
+            f"{per_k('cetf+bn-clean')} with CETF's triggers and {per_k('attack+bn-clean')} with the attack's. "
+            f"`RepairConfig`'s 3 epochs of batches of 32 (the last partial batch dropped) are {', '.join(map(str, steps))} "
+            f"SGD steps at k = {', '.join(map(str, ks))}.")
+    others = sorted({c["run"] for c in cells if c["method"] == "attack+bn-unlearn" and c["run"] != REPAIR_RUN})
+    if others:
+        text += " Tables VII / VIII's attacks, the attack's samples at k = 2: BN-unlearning leaves " + ", ".join(
+            f"{run.removeprefix('resnet20-gtsrb-')} {_repair_asr(cells, run, 'attack+bn-unlearn', 2)} at "
+            f"{_repair_cost(cells, run, 'attack+bn-unlearn', 2)} ACC points" for run in others) + "."
+    ablation = _record(REPAIR_ABLATION)
+    epochs = ablation["settings"].get("epochs")
+    done = [(run, k) for run, k in [(REPAIR_RUN, 2), (REPAIR_RUN, 4), *((run, 2) for run in others)]
+            if _pick(ablation["cells"], run, "attack+bn-unlearn", k=k)]
+    if not done:
+        return text + (" Not yet run: the repairs with more steps (`python experiments/repair_tables.py --record "
+                       f"{REPAIR_ABLATION} --epochs 30 --sources attack --ks 2 4`), which tells the number of steps "
+                       "from the repair itself.")
+    text += (f" With {epochs} epochs ({epochs // 3}x the steps; an ablation run to separate the number of steps from the "
+             "repair itself, not a setting of the method) BN-unlearning with the attack's samples leaves " + ", ".join(
+                 f"{run.removeprefix('resnet20-gtsrb-')} k = {k}: {_repair_asr(ablation['cells'], run, 'attack+bn-unlearn', k)} "
+                 f"at {_repair_cost(ablation['cells'], run, 'attack+bn-unlearn', k)} ACC points" for run, k in done)
+             + "; BN-cleaning " + ", ".join(
+                 f"{run.removeprefix('resnet20-gtsrb-')} k = {k}: {_repair_asr(ablation['cells'], run, 'attack+bn-clean', k)}"
+                 for run, k in done) + ".")
+    return text
+
+
 def februus() -> str:
     from filter_tables import februus_coverage  # the filter table's own reading of its Februus cells
 
@@ -573,4 +633,4 @@ def section() -> str:
     return "\n\n".join(["## Diagnosis: where zoo v2 stays below the papers (generated from the records)",
                         "Each paragraph reads stored records only (`experiments/diagnosis.py`).",
                         fine_tuning(), tsbd_blended(), rnp(), tac(), suspicion(), anp(), bna_all_to_all(),
-                        bna_single_pixel(), cetf(), februus()]) + "\n"
+                        bna_single_pixel(), cetf(), cetf_repairs(), februus()]) + "\n"

@@ -46,11 +46,11 @@ def test_the_diagnosis_reads_the_stored_records_and_names_the_missing_ones(book,
     assert "**TAC on zoo v2" in text and "**Suspiciousness pruning" in text
     assert "**ANP with 10 clean CIFAR-10 images" in text and "**BNA on all-to-all BadNets" in text
     assert "**BNA on SP" in text
-    assert "**Februus" in text
+    assert "**Februus" in text and "**CETF's repairs" in text
     monkeypatch.setattr(diagnosis, "RESULTS", tmp_path)  # no records: each paragraph names its command
     empty = diagnosis.section()
-    assert empty.count("Record missing") + empty.count("Records missing") == 10
-    assert "tsbd_tables.py" in empty and "tac_tables.py" in empty
+    assert empty.count("Record missing") + empty.count("Records missing") == 11
+    assert "tsbd_tables.py" in empty and "repair_tables.py" in empty and "tac_tables.py" in empty
     assert "suspicion_diagnosis.py" in empty and "bna_tables_v2.py" in empty and "filter_tables.py" in empty
 
 
