@@ -4,7 +4,7 @@
     BDJAX_DATA_DIR=../shared/data python experiments/repair_tables.py --only resnet20-gtsrb-blended --seeds 0
     BDJAX_DATA_DIR=../shared/data python experiments/repair_tables.py --table-only
     BDJAX_DATA_DIR=../shared/data python experiments/repair_tables.py --record repair_tables_epochs30 --epochs 30 \
-        --only resnet20-gtsrb-badnets-br resnet20-gtsrb-blended --sources attack --ks 2 4   # an ablation: 10x the steps
+        --sources attack --ks 2 4     # an ablation: 10x the steps, the attack's samples, k = 2 and 4
 
 The three repairs of ``bdjax.defenses.bn_repair`` (BN-cleaning, BN-unlearning, naive unlearning;
 ``RepairConfig``'s defaults: 3 epochs, batches of 32, SGD 0.01, λ 0.1) with k triggered clean
@@ -242,6 +242,8 @@ def main(argv=None) -> int:
     record = tables.CellRecord(tables.RESULTS / f"{args.record}.json", {**settings, **changed})
     command = "python experiments/repair_tables.py" + ("" if args.record == RECORD else f" --record {args.record}")
     command += "".join(f" --{key.replace('_', '-')} {value}" for key, value in changed.items())
+    command += "".join(f" --{flag} {' '.join(map(str, values))}" for flag, values in
+                       (("sources", args.sources), ("ks", args.ks)) if values)
     out = tables.RESULTS / f"{args.record}.md"
     for name in [] if args.table_only else args.only:
         run = tables.zoo_run("v2", name)
