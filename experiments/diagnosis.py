@@ -260,6 +260,7 @@ def cetf_repairs() -> str:
     """Fig. 9 / Tables VII / VIII: the search (CETF's triggers against the attack's own) and the
     repair's steps (RepairConfig's 3 epochs against the epochs ablation)."""
     from bdjax.defenses.bn_repair import RepairConfig
+    from bdjax.training import TrainConfig
 
     cells = _cells("repair_tables")
     head = "**CETF's repairs (Fig. 9: BN-unlearning ASR 0 from 1 image per class; Tables VII / VIII: 0 on every attack).** "
@@ -271,7 +272,7 @@ def cetf_repairs() -> str:
     suspects = _record("repair_tables")["settings"]["suspects"]
     per_k = lambda method: " / ".join(_repair_asr(cells, REPAIR_RUN, method, k) for k in ks)  # noqa: E731
     config, classes = RepairConfig(), 43
-    steps = [(classes * k // config.batch_size) * config.epochs for k in ks]
+    steps = [TrainConfig(batch_size=config.batch_size).steps_per_epoch(classes * k) * config.epochs for k in ks]
     text = (head + f"On {REPAIR_RUN} CETF flags {np.mean([f['flagged_triggered'] for f in flagged]):.1f} of {suspects} "
             f"triggered and {np.mean([f['flagged_clean'] for f in flagged]):.1f} of {suspects} clean suspects (mean over "
             f"{len({c['seed'] for c in cetf_cells})} seeds), so clean-sign regions are pasted beside the trigger. "
@@ -279,7 +280,7 @@ def cetf_repairs() -> str:
             f"and {per_k('attack+bn-unlearn')} with the attack's own: the gap between the two rows is the search's "
             "false positives, the gap from the attack's row to the paper's 0 is the repair. BN-cleaning leaves "
             f"{per_k('cetf+bn-clean')} with CETF's triggers and {per_k('attack+bn-clean')} with the attack's. "
-            f"`RepairConfig`'s 3 epochs of batches of 32 (the last partial batch dropped) are {', '.join(map(str, steps))} "
+            f"`RepairConfig`'s {config.epochs} epochs of batches of {config.batch_size} (the last partial batch dropped) are {', '.join(map(str, steps))} "
             f"SGD steps at k = {', '.join(map(str, ks))}.")
     others = sorted({c["run"] for c in cells if c["method"] == "attack+bn-unlearn" and c["run"] != REPAIR_RUN})
     if others:
@@ -294,7 +295,7 @@ def cetf_repairs() -> str:
         return text + (" Not yet run: the repairs with more steps (`python experiments/repair_tables.py --record "
                        f"{REPAIR_ABLATION} --epochs 30 --sources attack --ks 2 4`), which tells the number of steps "
                        "from the repair itself.")
-    text += (f" With {epochs} epochs ({epochs // 3}x the steps; an ablation run to separate the number of steps from the "
+    text += (f" With {epochs} epochs ({epochs // config.epochs}x the steps; an ablation run to separate the number of steps from the "
              "repair itself, not a setting of the method) BN-unlearning with the attack's samples leaves " + ", ".join(
                  f"{run.removeprefix('resnet20-gtsrb-')} k = {k}: {_repair_asr(ablation['cells'], run, 'attack+bn-unlearn', k)} "
                  f"at {_repair_cost(ablation['cells'], run, 'attack+bn-unlearn', k)} ACC points" for run, k in done)

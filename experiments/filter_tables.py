@@ -166,13 +166,15 @@ def measure_seed(run, name: str, seed: int, record: tables.CellRecord, args, feb
         record.add(cell)
         print(tables.line(cell) + f" TPR {100 * row['tpr']:.1f} FPR {100 * row['fpr']:.1f}", flush=True)
 
-    def screening():
-        """The paper's CETF screening of ``inputs``, shared by both CETF rows (cached on disk)."""
-        config = cetf.CETFConfig()
+    def screening(population: int | None = None):
+        """The paper's CETF screening of ``inputs``, shared by both CETF rows (cached on disk); with a
+        ``population``, Table IV's search of the triggered inputs only with that population."""
+        config = cetf.CETFConfig() if population is None else cetf.CETFConfig(population_size=population)
+        images, suffix = (inputs, "") if population is None else (triggered, f"-pop{population}")
         aux_key, run_key = jax.random.split(key)
         auxiliary, filter_images = cetf.auxiliary_split(clean, aux_key, config)
-        return config, resumable_screen(run, inputs, auxiliary, filter_images, run_key, config,
-                                        SCREENS / f"{name}-seed{seed}-{n}.npz", args.chunk)
+        return config, resumable_screen(run, images, auxiliary, filter_images, run_key, config,
+                                        SCREENS / f"{name}-seed{seed}-{n}{suffix}.npz", args.chunk)
 
     for method in todo:
         if method == "none":
@@ -198,12 +200,8 @@ def measure_seed(run, name: str, seed: int, record: tables.CellRecord, args, feb
         elif method.startswith("cetf-pop"):
             # Table IV: the same search with another population, on the triggered inputs only.
             population = int(method.removeprefix("cetf-pop"))
-            config = cetf.CETFConfig(population_size=population)
-            aux_key, run_key = jax.random.split(key)
-            auxiliary, filter_images = cetf.auxiliary_split(clean, aux_key, config)
             started = time.perf_counter()
-            found = resumable_screen(run, triggered, auxiliary, filter_images, run_key, config,
-                                     SCREENS / f"{name}-seed{seed}-{n}-pop{population}.npz", args.chunk)
+            _, found = screening(population)
             seconds = time.perf_counter() - started
             left = ~found.poisoned & (found.predicted == target)
             cell = dict(base, method=method, acc=None, asr=float(left.mean()), tpr=float(found.poisoned.mean()),
