@@ -236,7 +236,7 @@ def markdown(record: tables.CellRecord, command: str) -> str:
             ref = f"– / {100 * PAPER_POPULATION_ASR[cells[0]['info']['population']]:.2f} (t. IV)"
         rows.append(
             f"| {name} | {method} | {tables.mean_std([c['acc'] for c in cells])} | "
-            f"{tables.mean_std([c['asr'] for c in cells], count=False)} | "
+            f"{tables.mean_std([c['asr'] for c in cells], count=all(c['acc'] is None for c in cells))} | "
             f"{tables.mean_std([c['tpr'] for c in cells], count=False)} | "
             f"{tables.mean_std([c['fpr'] for c in cells], count=False)} | "
             f"{tables.mean_std([c['der'] for c in cells], count=False)} | "
@@ -259,7 +259,7 @@ def markdown(record: tables.CellRecord, command: str) -> str:
         "BadNets (our `resnet20-gtsrb-badnets-br`). `cetf-popP`: Table IV, the paper's search and rule with a "
         "population of P (the `cetf` row has the default 40) on the triggered inputs only; its ASR is the "
         "paper's \"ASR after CETF\" (triggered inputs not flagged that the model sends to the target), so ACC, "
-        "FPR and DER are not measured there. Seconds per input on the machine that ran it (a shared "
+        "FPR and DER are not measured there (its seed count n is on the ASR column). Seconds per input on the machine that ran it (a shared "
         "2-core CPU for the committed record).",
         *([] if "februus_train_images" not in settings else [
             "", f"**Ablation, not the method as CETF's defender runs it:** Februus' generator here is trained once "

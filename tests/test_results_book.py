@@ -322,8 +322,45 @@ def test_table_iv_population_rows_show_the_asr_left_beside_the_paper_and_stay_ou
     record = types.SimpleNamespace(cells=cells, settings={"inputs": 200, "calibration_size": 10, "per_class": 2},
                                    path=tmp_path / "cetf_tables_v2.json")
     table = filter_tables.markdown(record, "cmd")
-    assert ("| resnet20-gtsrb-badnets-br | cetf-pop10 | – | 5.00 ± 1.41 | 95.00 ± 1.41 | – | – | 5.00 | "
+    assert ("| resnet20-gtsrb-badnets-br | cetf-pop10 | – | 5.00 ± 1.41 (n=2) | 95.00 ± 1.41 | – | – | 5.00 | "
             "– / 15.49 (t. IV) |") in table
     (tmp_path / "cetf_tables_v2.json").write_text(json.dumps({"settings": {}, "cells": cells}))
     monkeypatch.setattr(book, "RESULTS", tmp_path)
     assert "cetf-pop10" not in book.measured_summary()
+
+
+def test_cetf_search_geometry_measures_found_and_prior_regions_against_the_trigger_and_the_diagnosis_reads_it(
+        book, monkeypatch, tmp_path):
+    """Regions are (top, left, height, width), priors (top, left, bottom, right) with exclusive ends;
+    a region touches the trigger with one of its pixels and covers it with all. The CETF paragraph
+    reads Table IV's cells and the geometry record, and names the geometry script when it is missing."""
+    import cetf_search_geometry
+    import diagnosis
+
+    trigger = np.zeros((32, 32), bool)
+    trigger[30:, 30:] = True  # the 2x2 bottom-right patch
+    boxes = np.array([[29, 29, 3, 3],    # covers
+                      [31, 28, 1, 3],    # touches one pixel (row 31, col 30)
+                      [28, 26, 2, 4]])   # rows 28-29: misses
+    priors = np.array([[17, 17, 32, 32], [17, 17, 32, 31], [0, 0, 16, 16]])  # contains, stops a column short, away
+    found = cetf_search_geometry.geometry(boxes, priors, trigger)
+    assert found["box_touches_trigger"] == pytest.approx(2 / 3) and found["box_covers_trigger"] == pytest.approx(1 / 3)
+    assert found["box_area_median"] == 8 and found["prior_area_median"] == 15 * 15  # of 225, 210, 256
+    assert found["prior_covers_trigger"] == pytest.approx(1 / 3)
+
+    cell = dict(run="resnet20-gtsrb-badnets-br", model="resnet20", attack="badnets", dataset="gtsrb", k=2,
+                triggered_size=200, eval_size=200, seconds=1.0, acc=None, fpr=None, der=None)
+    cells = [dict(cell, seed=s, method="cetf-pop10", asr=0.0, tpr=1.0, info={"population": 10}) for s in (0, 1)]
+    cells.append(dict(cell, seed=0, method="cetf", acc=0.02, asr=0.0, tpr=1.0, fpr=0.97,
+                      info={"median_area_triggered": 15.0, "median_area_clean": 208.0}))
+    (tmp_path / "cetf_tables_v2.json").write_text(json.dumps({"settings": {}, "cells": cells}))
+    monkeypatch.setattr(diagnosis, "RESULTS", tmp_path)
+    assert "P = 10: 0.00 ± 0.00 (n=2) (paper 15.49)" in diagnosis.cetf()
+    assert "cetf_search_geometry.py" in diagnosis.cetf()
+    geometry = [dict(run=cell["run"], seed=s, population=p, inputs="triggered", n=200, flagged=1.0,
+                     box_touches_trigger=1.0, box_covers_trigger=0.9, box_area_median=20.0, prior_area_median=225.0,
+                     prior_covers_trigger=1.0) for s in (0, 1) for p in (10, 40)]
+    (tmp_path / "cetf_search_geometry.json").write_text(json.dumps({"settings": {}, "cells": geometry}))
+    text = diagnosis.cetf()
+    assert "contains the whole trigger on 100.0 ± 0.0 % of the triggered inputs (median 225 px of 1024)" in text
+    assert "100.0 ± 0.0 % at P = 10, 100.0 ± 0.0 % at P = 40" in text and "15.49 % at P = 10" in text
