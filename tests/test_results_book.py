@@ -364,3 +364,31 @@ def test_cetf_search_geometry_measures_found_and_prior_regions_against_the_trigg
     text = diagnosis.cetf()
     assert "contains the whole trigger on 100.0 ± 0.0 % of the triggered inputs (median 225 px of 1024)" in text
     assert "100.0 ± 0.0 % at P = 10, 100.0 ± 0.0 % at P = 40" in text and "15.49 % at P = 10" in text
+
+
+def test_the_suspicion_diagnosis_reads_the_ablation_frontier_per_model_and_says_it_is_an_ablation(
+        book, monkeypatch, tmp_path):
+    """The largest μ whose mean ASR over seeds is below 20%, with its ACC cost against each seed's own
+    undefended model; a model no μ cleans is said so."""
+    import diagnosis
+
+    def cell(run, seed, method, mu=None, acc=0.86, asr=1.0, pruned=0):
+        return dict(run=run, attack=run.split("-")[-1], seed=seed, method=method, heuristic=mu and "score", mu=mu,
+                    acc=acc, asr=asr, pruned=pruned)
+
+    cells = []
+    for seed in (0, 1):
+        cells += [cell("m-badnets", seed, "none", acc=0.86 + 0.01 * seed),
+                  cell("m-badnets", seed, "suspicion", 3.0, acc=0.80, asr=0.5, pruned=5),
+                  cell("m-badnets", seed, "suspicion", 2.0, acc=0.60, asr=0.1 + 0.04 * seed, pruned=30),
+                  cell("m-badnets", seed, "suspicion", 1.0, acc=0.20, asr=0.0, pruned=100),
+                  cell("m-trojan", seed, "none"), cell("m-trojan", seed, "suspicion", 2.0, asr=0.9)]
+    (tmp_path / "suspicion_ablation.json").write_text(json.dumps({"settings": {}, "cells": cells}))
+    monkeypatch.setattr(diagnosis, "RESULTS", tmp_path)
+    text = diagnosis._suspicion_ablation()
+    assert "an ablation, not a setting" in text
+    assert "m-badnets (2 seeds): μ = 2, 30 channels, ASR 12.0 ± 2.8 at 26.5 ± 0.7 ACC points; paper 1.27 at ACC 89.23" in text
+    assert "m-trojan (2 seeds): no μ down to 2 takes ASR below 20%; paper 4.67 at ACC 86.19" in text
+    assert "costs over 10 ACC points on every model" in text
+    monkeypatch.setattr(diagnosis, "RESULTS", tmp_path / "none")
+    assert "not run yet" in diagnosis._suspicion_ablation()
