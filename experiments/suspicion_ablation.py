@@ -2,6 +2,7 @@
 
     python experiments/suspicion_ablation.py                     # the CIFAR-10 Table I models, seeds 0-2
     python experiments/suspicion_ablation.py --only resnet20-cifar10-blended --seeds 0 --mus 3.5 3
+    python experiments/suspicion_ablation.py --table-only        # the Markdown and figure from the record
 
 Per model and seed: the defender's 1 clean test image per class (the paper's 10 on CIFAR-10,
 drawn by the seed, as in ``suspicion_table.py``); the four measurements and eq. 6 are taken once,
@@ -113,17 +114,19 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--eval-limit", type=int, default=None, help="default: the whole rest of the test split")
     parser.add_argument("--record", default="suspicion_ablation", help="results/NAME.{json,md}")
+    parser.add_argument("--table-only", action="store_true", help="rewrite the Markdown and figure from the record")
     args = parser.parse_args(argv)
 
     names = args.only or tables.trained(MODELS)
     record = tables.CellRecord(tables.RESULTS / f"{args.record}.json", {"zoo": "v2", "eval_limit": args.eval_limit})
     command = "python experiments/suspicion_ablation.py" + ("" if args.record == "suspicion_ablation"
                                                             else f" --record {args.record}")
-    for name in names:
+    for name in [] if args.table_only else names:
         run = tables.zoo_run("v2", name)
         for seed in args.seeds:
             measure_seed(run, name, seed, record, args.mus, args)
             (tables.RESULTS / f"{args.record}.md").write_text(markdown(record, command))
+    (tables.RESULTS / f"{args.record}.md").write_text(markdown(record, command))
     if args.record == "suspicion_ablation":
         plot_mu_curves([dict(c, model=c["run"]) for c in record.cells], FIGURE)
     print(f"wrote {tables.RESULTS / args.record}.{{json,md}}")
