@@ -382,6 +382,7 @@ def test_the_suspicion_diagnosis_reads_the_ablation_frontier_per_model_and_says_
                   cell("m-badnets", seed, "suspicion", 3.0, acc=0.80, asr=0.5, pruned=5),
                   cell("m-badnets", seed, "suspicion", 2.0, acc=0.60, asr=0.1 + 0.04 * seed, pruned=30),
                   cell("m-badnets", seed, "suspicion", 1.0, acc=0.20, asr=0.0, pruned=100),
+                  dict(cell("m-badnets", seed, "suspicion", 3.0, acc=0.80, asr=0.05), heuristic="spectral"),
                   cell("m-trojan", seed, "none"), cell("m-trojan", seed, "suspicion", 2.0, asr=0.9)]
     (tmp_path / "suspicion_ablation.json").write_text(json.dumps({"settings": {}, "cells": cells}))
     monkeypatch.setattr(diagnosis, "RESULTS", tmp_path)
@@ -389,6 +390,8 @@ def test_the_suspicion_diagnosis_reads_the_ablation_frontier_per_model_and_says_
     assert "an ablation, not a setting" in text
     assert "m-badnets (2 seeds): μ = 2, 30 channels, ASR 12.0 ± 2.8 at 26.5 ± 0.7 ACC points; paper 1.27 at ACC 89.23" in text
     assert "m-trojan (2 seeds): no μ down to 2 takes ASR below 20%; paper 4.67 at ACC 86.19" in text
-    assert "costs over 10 ACC points on every model" in text
+    assert "costs eq. 6 over 10 ACC points on every model" in text
+    assert "(spectral alone: μ = 3, ASR 5.0 ± 0.0 at 6.5 ACC points)" in text  # cheaper than eq. 6 there
+    assert "within 10 points on m-badnets (spectral; the paper's spectral alone: ASR 7.15 at ACC 86.6)" in text
     monkeypatch.setattr(diagnosis, "RESULTS", tmp_path / "none")
     assert "not run yet" in diagnosis._suspicion_ablation()
