@@ -524,7 +524,9 @@ def _suspicion_ablation() -> str:
 
     parts, costs, singles = [], {}, {}
     for (run,), group in tables.group(cells, ("run",)).items():
-        before = {c["seed"]: c["acc"] for c in group if c["method"] == "none"}
+        counts = tables.group(group, ("seed",))
+        full = max(len(seed_cells) for seed_cells in counts.values())  # a seed still being measured has fewer
+        before = {c["seed"]: c["acc"] for c in group if c["method"] == "none" and len(counts[(c["seed"],)]) == full}
         seeds = len(before)
         paper = PAPER_TABLE_III.get({"sig": "cl"}.get(group[0]["attack"], group[0]["attack"]), {}).get("score")
         reference = f"; paper {paper[0]:g} at ACC {paper[1]:g}" if paper else ""
