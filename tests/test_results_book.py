@@ -384,7 +384,7 @@ def test_the_suspicion_diagnosis_reads_the_ablation_frontier_per_model_and_says_
                   cell("m-badnets", seed, "suspicion", 1.0, acc=0.20, asr=0.0, pruned=100),
                   dict(cell("m-badnets", seed, "suspicion", 3.0, acc=0.80, asr=0.05), heuristic="spectral"),
                   cell("m-trojan", seed, "none"), cell("m-trojan", seed, "suspicion", 2.0, asr=0.9)]
-    # seed 2 is still being measured (two of its cells so far): left out, or it would move μ = 3 below 20%
+    # seed 2 is still being measured (two of its cells so far): left out, not counted as a third seed
     cells += [cell("m-badnets", 2, "none"), cell("m-badnets", 2, "suspicion", 3.0, acc=0.85, asr=0.0, pruned=5)]
     (tmp_path / "suspicion_ablation.json").write_text(json.dumps({"settings": {}, "cells": cells}))
     monkeypatch.setattr(diagnosis, "RESULTS", tmp_path)
