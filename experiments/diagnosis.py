@@ -265,16 +265,20 @@ def _cetf_population() -> str:
     per_population = tables.group(sorted(geometry, key=lambda c: c["population"]), ("population",))
     smallest = min(per_population)[0]
     priors = per_population[max(per_population)]  # the prior is the same for every population of a seed
-    return text + (
+    text += (
         f" The Grad-CAM prior region that confines the search contains the whole trigger on "
         f"{share(priors, 'prior_covers_trigger')} % of the triggered inputs (median "
         f"{np.median([c['prior_area_median'] for c in priors]):.0f} px of {32 * 32}), and the region found touches "
         "the trigger on " + ", ".join(f"{share(group, 'box_touches_trigger')} % at P = {population[0]}"
-                                      for population, group in per_population.items())
-        + f" (`cetf_search_geometry.md`): on this model Grad-CAM has already located the trigger, so even "
-        f"P = {smallest} finds it and the population hardly matters; the paper's "
-        f"{100 * PAPER_POPULATION_ASR[smallest]:.2f} % at P = {smallest} needs searches that miss, which a prior this "
-        "tight around the trigger leaves little room for.")
+                                      for population, group in per_population.items()) + " (`cetf_search_geometry.md`)")
+    located = min(np.mean([c["prior_covers_trigger"] for c in priors]),
+                  np.mean([c["box_touches_trigger"] for c in per_population[(smallest,)]])) >= 0.9
+    if not located:
+        return text + "."
+    return text + (f": on this model Grad-CAM has already located the trigger, so even P = {smallest} finds it and the "
+                   f"population hardly matters; the paper's {100 * PAPER_POPULATION_ASR[smallest]:.2f} % at "
+                   f"P = {smallest} needs searches that miss, which a prior this tight around the trigger leaves "
+                   "little room for.")
 
 
 REPAIR_RUN = "resnet20-gtsrb-badnets-br"
@@ -528,7 +532,8 @@ def _suspicion_ablation() -> str:
         full = max(len(seed_cells) for seed_cells in counts.values())  # a seed still being measured has fewer
         before = {c["seed"]: c["acc"] for c in group if c["method"] == "none" and len(counts[(c["seed"],)]) == full}
         seeds = len(before)
-        paper = PAPER_TABLE_III.get({"sig": "cl"}.get(group[0]["attack"], group[0]["attack"]), {}).get("score")
+        row = PAPER_TABLE_III.get({"sig": "cl"}.get(group[0]["attack"], group[0]["attack"]))  # the paper's CL: our SIG
+        paper = row and row["score"]
         reference = f"; paper {paper[0]:g} at ACC {paper[1]:g}" if paper else ""
         found = _frontier(group, "score", before)
         head = f"{run} ({seeds} seed{'s' if seeds > 1 else ''}): "
@@ -546,8 +551,7 @@ def _suspicion_ablation() -> str:
         if others:
             heuristic, (mu, chosen, cost) = min(others, key=lambda item: item[1][2])
             if found is None or cost < costs[run]:
-                singles[run] = (heuristic, cost, PAPER_TABLE_III.get({"sig": "cl"}.get(group[0]["attack"],
-                                                                                  group[0]["attack"])))
+                singles[run] = (heuristic, cost, row)
                 parts[-1] += (f" ({heuristic} alone: μ = {mu:g}, ASR "
                               f"{tables.mean_std([c['asr'] for c in chosen], digits=1, count=False)} at {100 * cost:.1f} "
                               "ACC points)")

@@ -259,8 +259,8 @@ def markdown(record: tables.CellRecord, command: str) -> str:
         "BadNets (our `resnet20-gtsrb-badnets-br`). `cetf-popP`: Table IV, the paper's search and rule with a "
         "population of P (the `cetf` row has the default 40) on the triggered inputs only; its ASR is the "
         "paper's \"ASR after CETF\" (triggered inputs not flagged that the model sends to the target), so ACC, "
-        "FPR and DER are not measured there (its seed count n is on the ASR column). Seconds per input on the machine that ran it (a shared "
-        "2-core CPU for the committed record).",
+        "FPR and DER are not measured there (its seed count n is on the ASR column). Seconds per input on the "
+        "machine that ran it (a shared 2-core CPU for the committed record).",
         *([] if "februus_train_images" not in settings else [
             "", f"**Ablation, not the method as CETF's defender runs it:** Februus' generator here is trained once "
             f"on {settings['februus_train_images']} clean images of the training split "

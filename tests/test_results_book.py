@@ -364,6 +364,11 @@ def test_cetf_search_geometry_measures_found_and_prior_regions_against_the_trigg
     text = diagnosis.cetf()
     assert "contains the whole trigger on 100.0 ± 0.0 % of the triggered inputs (median 225 px of 1024)" in text
     assert "100.0 ± 0.0 % at P = 10, 100.0 ± 0.0 % at P = 40" in text and "15.49 % at P = 10" in text
+    assert "already located the trigger" in text
+    for c in geometry:
+        c["prior_covers_trigger"] = 0.5  # priors that miss the trigger half the time: no such conclusion
+    (tmp_path / "cetf_search_geometry.json").write_text(json.dumps({"settings": {}, "cells": geometry}))
+    assert "already located" not in diagnosis.cetf() and "50.0 ± 0.0 % of the triggered inputs" in diagnosis.cetf()
 
 
 def test_the_suspicion_diagnosis_reads_the_ablation_frontier_per_model_and_says_it_is_an_ablation(
