@@ -25,7 +25,7 @@ from bdjax.defenses import cetf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tables  # noqa: E402  (experiments/tables.py)
-from filter_tables import PAPER_RUN, SCREENS  # noqa: E402
+from filter_tables import PAPER_RUN, SCREENS, patch_pixels  # noqa: E402
 
 RECORD = "cetf_search_geometry"
 SHARES = ("flagged", "box_touches_trigger", "box_covers_trigger", "prior_covers_trigger")  # in % in the table
@@ -33,11 +33,11 @@ AREAS = ("box_area_median", "prior_area_median")  # in pixels
 
 
 def trigger_pixels(run) -> np.ndarray:
-    """bool[H, W]: the pixels a patch attack writes."""
-    mask = getattr(run.attack, "mask", None)
-    if mask is None or not 0 < float(np.mean(np.asarray(mask) > 0)) < 0.5:
+    """bool[H, W]: the pixels a patch attack writes (``filter_tables.patch_pixels``); an error for the others."""
+    on_trigger = patch_pixels(run)
+    if on_trigger is None:
         raise SystemExit(f"{run.record['spec']['attack']} has no patch mask: the search geometry needs one")
-    return np.asarray(mask)[..., 0] > 0
+    return on_trigger
 
 
 def geometry(boxes: np.ndarray, priors: np.ndarray, on_trigger: np.ndarray) -> dict:

@@ -106,15 +106,23 @@ def resumable_screen(run, images, auxiliary, filter_images, key, config, path: P
     return cetf.Screening(**{name: done[name][:len(images)] for name in fields})
 
 
+def patch_pixels(run) -> np.ndarray | None:
+    """bool[H, W]: the pixels a patch attack writes (an attack with a ``mask`` on under half of the
+    image); None for the other attacks."""
+    mask = getattr(run.attack, "mask", None)
+    if mask is None or not 0 < float(np.mean(np.asarray(mask) > 0)) < 0.5:
+        return None
+    return np.asarray(mask)[..., 0] > 0
+
+
 def trigger_coverage(run, triggered, layer: str, threshold: float) -> dict:
     """Where Februus' Grad-CAM sits against a patch trigger (attacks with a ``mask``; {} for the others):
     the mean normalised map value on the trigger pixels, the share of inputs whose trigger pixels all
     reach ``threshold`` (removed whole), and the median distance (pixels) from the map's peak to the
     trigger's centre."""
-    mask = getattr(run.attack, "mask", None)
-    if mask is None or not 0 < float(np.mean(np.asarray(mask) > 0)) < 0.5:
+    on_trigger = patch_pixels(run)
+    if on_trigger is None:
         return {}
-    on_trigger = np.asarray(mask)[..., 0] > 0
     maps, _ = jax.device_get(gradcam.grad_cam(run.module, run.variables, to_float(triggered), tuple(layer.split("/"))))
     values = maps[:, on_trigger]
     peaks = np.stack(np.unravel_index(maps.reshape(len(maps), -1).argmax(axis=1), maps.shape[1:]), axis=1)
