@@ -67,6 +67,20 @@ def test_tsbd_paper_rows_agree_with_their_own_der(monkeypatch):
         assert abs(expected - der) < 0.05, (attack, method, expected, der)  # the slides round
 
 
+def test_tsbd_table_methods_are_registered_defenses_with_valid_overrides(monkeypatch):
+    """Each row label of the TSBD table names a registered defense, and its overrides are fields of that
+    defense's config (a typo would otherwise surface hours into a run)."""
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))
+    import tsbd_tables
+    from bdjax import defenses
+
+    for label, (registered, overrides) in tsbd_tables.METHODS.items():
+        spec = defenses.get(registered)
+        defenses.make_config(spec.config_cls, overrides)
+        if label in ("nad", "nc", "anp", "clp", "ibau"):
+            assert any(method == label for _, method in tsbd_tables.PAPER), label
+
+
 def test_tsbd_clean_set_share_is_of_the_training_split_as_backdoorbench_ratio(monkeypatch):
     """The slides' 5% clean data is BackdoorBench's ratio of the training split: 2,500 CIFAR-10 images
     match it, the 500 of k = 50 (5% of the test split) are 1% and say so in the summary's setting."""
