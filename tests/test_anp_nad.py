@@ -261,7 +261,7 @@ def test_anp_with_one_image_per_class_fails_to_remove_the_backdoor(zoo_badnets_r
     crop: the model was trained without augmentation) and a threshold held to a 10-point ACC
     drop on the other 21 leave the model as it was (measured on the zoo v2 model: threshold 0.0,
     nothing pruned, ASR 1.000, ACC 0.950; on the weaker zoo v1 model 8 neurons, ASR 0.997 ->
-    0.983, ACC 0.901 -> 0.805). ANP working, with 430 images and 200 iterations: the next test."""
+    0.983, ACC 0.901 -> 0.805). ANP with 430 images and 200 iterations: the next test."""
     run = zoo_badnets_run
     clean, sets = gtsrb_one_per_class
     before = evaluate_model(run.module, run.variables, sets)
@@ -275,26 +275,39 @@ def test_anp_with_one_image_per_class_fails_to_remove_the_backdoor(zoo_badnets_r
 
 
 @pytest.mark.realdata
-def test_anp_at_its_papers_threshold_removes_the_backdoor_of_zoo_v2_small_bn(data_dir):
-    """ANP working: zoo v2 small-bn BadNets (ACC 0.94 / ASR 0.99; CLP finds its backdoor in 2
-    channels, results/tac_tables_v2.md), 10 clean images per class (430), masks learned for
-    200 iterations (the official 2,000 do not fit a test; no crops: the model was trained without
-    augmentation), pruned below the ANP paper's 0.2. Measured (this call): 5 pruned, ASR 0.992 ->
-    0.000, ACC 0.940 -> 0.881, 89 s on the shared CPU. Masks of another key, pruned at several
-    thresholds (diagnostic, not how 0.2 was chosen): 0.1 -> 3 pruned, ACC 0.899 / ASR 0.043;
-    0.2 -> 4, 0.870 / 0.016; 0.3 -> 5, 0.865 / 0.018. With ``threshold=None`` (half of the set
-    held out to choose it) the fit part's masks pruned 2 at 0.1 and left ASR 0.71."""
+def test_anp_at_its_papers_threshold_prunes_few_last_block_neurons_of_zoo_v2_small_bn(data_dir):
+    """ANP on a real backdoor: zoo v2 small-bn BadNets (ACC 0.94 / ASR 0.99; CLP finds its
+    backdoor in 2 channels, results/tac_tables_v2.md), 10 clean images per class (430), masks
+    learned for 200 iterations (the official 2,000 do not fit a test; no crops: the model was
+    trained without augmentation), pruned below the ANP paper's 0.2.
+
+    What held in every mask draw measured: ANP prunes a handful of the 72 BN neurons, among them
+    neurons of the last block (conv3), keeps ACC within 15 points and leaves the ASR at most where
+    it was (key 2: 0.992 -> 0.993, one image of 1,000). Whether the ASR falls is a coin flip of the
+    draw, so no test claims it. Measured on 1,000 test images (AMD EPYC CPU, 2026-12-06), keys 0-3:
+    pruned 2 / 2 / 4 / 5, ASR 0.765 / 0.936 / 0.993 / 0.000, ACC 0.918 / 0.909 / 0.847 / 0.851. Key
+    0 removed the backdoor on the machine of 2026-12-03 (5 pruned, ASR 0.000, ACC 0.881), which is
+    what this test asserted until a CPU with another floating-point order gave 0.765. Variants
+    measured (keys 0-3 unless said), none removing the backdoor in every draw: 500 iterations (key
+    0: ASR 0.955); the 215-image set as one batch (ASR 0.111 / 0.059 / 0.725 / 0.585); the 430 as
+    one batch (keys 0-1: 0.000 / 0.939); 3 noise steps (keys 0-1: 0.001 / 0.913); eps 0.2 (keys 0-2:
+    1 pruned or none, ASR >= 0.936); running BN statistics (46-57 pruned, ACC <= 0.07); small-bn
+    Blended (keys 0-1: 0.785 / 0.956); medium-bn BadNets (key 0: 10 pruned, ASR 0.974, ACC 0.480).
+    Where ANP does remove backdoors, and where not, at the papers' scale: the suspiciousness and
+    TSBD tables in experiments/RESULTS.md."""
     run = checkpoint.load(ZOO_V2_DIR / "small-bn-gtsrb-badnets")
     clean, sets = split_for_defense(run, 10, 0, data_dir, eval_limit=1000)
     before = evaluate_model(run.module, run.variables, sets)
     config = anp.AnpConfig(iterations=200, crop_padding=0, threshold=0.2)
     result = anp.anp(run.module, run.variables, clean, jax.random.key(0), config)
     after = evaluate_model(run.module, result.variables, sets)
-    print(f"ANP pruned {result.info['pruned_count']}: ASR {before.asr:.3f} -> {after.asr:.3f}, "
-          f"ACC {before.acc:.3f} -> {after.acc:.3f}")
+    pruned = result.info["pruned"]
+    print(f"ANP pruned {pruned}: ASR {before.asr:.3f} -> {after.asr:.3f}, ACC {before.acc:.3f} -> {after.acc:.3f}")
     assert before.asr > 0.95
-    assert after.asr < 0.2
-    assert after.acc > before.acc - 0.1
+    assert result.info["mask_count"] == 72 and 1 <= result.info["pruned_count"] <= 10
+    assert pruned["conv3"], "no neuron of the last block pruned"
+    assert after.acc > before.acc - 0.15
+    assert after.asr < before.asr + 0.01
 
 
 @pytest.mark.realdata
