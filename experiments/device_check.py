@@ -1,7 +1,7 @@
 """One short run on an accelerator: what bdjax's programs cost there, compile time apart.
 
     BDJAX_DATA_DIR=../shared/data python experiments/device_check.py   # one GPU: under 8 minutes cold
-    BDJAX_DATA_DIR=../shared/data python experiments/device_check.py --cpu --out-dir /tmp/check   # CI size
+    BDJAX_DATA_DIR=../shared/data python experiments/device_check.py --cpu --out-dir /tmp/check   # test size
 
 No device figures exist yet: no accelerator has been lent to this project, so every number
 this script has produced so far comes from ``--cpu`` (tiny sizes, a check that each section
@@ -58,7 +58,7 @@ from bdjax.training import TrainConfig, train  # noqa: E402
 
 @dataclasses.dataclass(frozen=True)
 class Sizes:
-    """What each section runs: ``device()`` on an accelerator, ``cpu()`` for the CI check."""
+    """What each section runs: ``device()`` on an accelerator, ``cpu()`` for tests/test_device_check.py."""
 
     train_models: tuple[str, ...] = ("resnet20", "preact-resnet18")
     train_images: int = 8192
@@ -249,7 +249,7 @@ def _flatten(row: dict, prefix: str = "") -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--cpu", action="store_true", help="tiny sizes, on the CPU (the CI check)")
+    parser.add_argument("--cpu", action="store_true", help="tiny sizes, on the CPU (tests/test_device_check.py)")
     parser.add_argument("--run", type=Path, default=HERE / "zoo-v2" / "resnet20-gtsrb-badnets")
     parser.add_argument("--train-models", nargs="*", default=None, help="models whose training is timed")
     parser.add_argument("--methods", nargs="*", default=None, help="defenses to time (default: the size's)")

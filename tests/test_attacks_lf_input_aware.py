@@ -4,7 +4,7 @@ Small settings chosen to plant within the CPU budget (all seeds fixed): 2,000
 stratified training images, Small-BN, Adam 3e-3, batch 64, no augmentation, 1,000 test images.
 LF: 8 search steps of 128 images on the committed clean Medium-BN, 4 epochs at 10% poison.
 Input-aware: generators 16 wide (paper 32), 1 mask pre-training epoch (paper 25), mask density
-0.2 (paper 0.032) and attack rate 0.3 (paper 0.1), 6 joint epochs (paper 600): with the
+0.2 (paper 0.032) and attack rate 0.3 (paper 0.1), 5 joint epochs (paper 600): with the
 paper's density and rate the trigger needs far more epochs than a test can afford (measured
 here: density 0.1 / rate 0.2 gave ASR 0.63-0.86 after 6-10 epochs, 8-wide generators 0.54-0.65).
 """
@@ -111,6 +111,7 @@ def test_lf_search_refuses_a_set_without_usable_images(tiny_model, random_datase
 
 @pytest.mark.realdata
 @pytest.mark.slow
+@pytest.mark.heavy  # ~110 s in the suite on the 2-core CPU: `make test-heavy`
 def test_input_aware_plants_a_per_input_trigger_that_survives_saving(gtsrb_small, tmp_path):
     """Classifier and generators trained together plant the backdoor (ASR > 0.45, where a
     clean model sends ~2% of inputs to the target) while the classifier learns the task (ACC >
@@ -123,7 +124,7 @@ def test_input_aware_plants_a_per_input_trigger_that_survives_saving(gtsrb_small
     CPU (2026-12-06; the same call, evaluated after every epoch):
     key 0: 0.50/0.80 0.52/0.90 0.60/0.89 0.64/0.90 0.62/0.93; key 1: 0.42/0.59 0.50/0.64
     0.64/0.59 0.68/0.60 0.68/0.69; key 2: 0.36/0.90 0.51/0.69 0.53/0.81 0.59/0.73 0.61/0.73;
-    key 3: 0.45/0.66 0.57/0.55 0.55/0.66 0.52/0.74 0.62/0.65. The test trains 6 epochs with key
+    key 3: 0.45/0.66 0.57/0.55 0.55/0.66 0.52/0.74 0.62/0.65. The test trains 5 epochs with key
     3; its bounds sit below every key's value at epochs 5-8 (ASR >= 0.55, ACC >= 0.50). The
     bounds were ASR > 0.8 / ACC > 0.55 after 5 epochs, set from one run on another CPU (0.605 /
     0.862), which this machine's key 3 misses (0.57 / 0.55)."""
@@ -131,8 +132,8 @@ def test_input_aware_plants_a_per_input_trigger_that_survives_saving(gtsrb_small
     module = models.create("small-bn", train_set.info)
     config = InputAwareConfig(channels=16, mask_epochs=1, mask_density=0.2, attack_rate=0.3)
     result = train_input_aware(module, train_set, target, jax.random.key(3), config,
-                               dataclasses.replace(TRAIN, epochs=6), progress=False)
-    assert [h["stage"] for h in result.history] == ["mask"] + ["joint"] * 6
+                               dataclasses.replace(TRAIN, epochs=5), progress=False)
+    assert [h["stage"] for h in result.history] == ["mask"] + ["joint"] * 5
     report = evaluate_model(module, result.variables, TestSets.build(test_set, result.attack, target))
     print(f"input-aware: ACC {report.acc:.3f} ASR {report.asr:.3f}")
     assert report.asr > 0.45 and report.acc > 0.4, report

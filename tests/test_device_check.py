@@ -13,7 +13,8 @@ from conftest import ZOO_V2_DIR
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 # realdata: compiled with XLA's optimisations (NC's search over 43 labels runs ~5x slower without).
-pytestmark = [pytest.mark.realdata, pytest.mark.slow]
+# heavy: ~100 s in the suite on this CPU, mostly compilation; `make test-heavy` runs it.
+pytestmark = [pytest.mark.realdata, pytest.mark.slow, pytest.mark.heavy]
 
 
 def test_device_check_writes_every_section_with_finite_seconds(data_dir, tmp_path, monkeypatch):
