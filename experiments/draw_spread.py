@@ -111,8 +111,8 @@ def _input_aware_case(data_dir: str, key: int) -> dict:
 def markdown(cells: list[dict]) -> str:
     lines = ["# How far a test's outcome moves with its key", "",
              "Written by `python experiments/draw_spread.py` from `draw_spread.json`. ACC / ASR on 1,000 test "
-             "images; the defenses' model is zoo v2 small-bn BadNets (undefended ACC / ASR in the first row of "
-             "each case).", ""]
+             "images; the defenses' model is zoo v2 small-bn BadNets. Each test uses key 0, input-aware key 3 "
+             "(trained 5 epochs).", ""]
     for case in CASES:
         rows = sorted((c for c in cells if c["case"] == case), key=lambda c: (c["cpu"], c["key"]))
         if not rows:

@@ -284,17 +284,18 @@ def test_anp_at_its_papers_threshold_prunes_few_last_block_neurons_of_zoo_v2_sma
     What held in every mask draw measured: ANP prunes a handful of the 72 BN neurons, among them
     neurons of the last block (conv3), keeps ACC within 15 points and leaves the ASR at most where
     it was (key 2: 0.992 -> 0.993, one image of 1,000). Whether the ASR falls is a coin flip of the
-    draw, so no test claims it. Measured on 1,000 test images (AMD EPYC CPU, 2026-12-06), keys 0-3:
-    pruned 2 / 2 / 4 / 5, ASR 0.765 / 0.936 / 0.993 / 0.000, ACC 0.918 / 0.909 / 0.847 / 0.851. Key
-    0 removed the backdoor on the machine of 2026-12-03 (5 pruned, ASR 0.000, ACC 0.881), which is
-    what this test asserted until a CPU with another floating-point order gave 0.765. Variants
-    measured (keys 0-3 unless said), none removing the backdoor in every draw: 500 iterations (key
-    0: ASR 0.955); the 215-image set as one batch (ASR 0.111 / 0.059 / 0.725 / 0.585); the 430 as
-    one batch (keys 0-1: 0.000 / 0.939); 3 noise steps (keys 0-1: 0.001 / 0.913); eps 0.2 (keys 0-2:
-    1 pruned or none, ASR >= 0.936); running BN statistics (46-57 pruned, ACC <= 0.07); small-bn
-    Blended (keys 0-1: 0.785 / 0.956); medium-bn BadNets (key 0: 10 pruned, ASR 0.974, ACC 0.480).
-    Where ANP does remove backdoors, and where not, at the papers' scale: the suspiciousness and
-    TSBD tables in experiments/RESULTS.md."""
+    draw, so no test claims it. Measured on 1,000 test images (AMD EPYC CPU, 2026-12-06;
+    experiments/results/draw_spread.md, written by experiments/draw_spread.py), keys 0-3: pruned 2 /
+    2 / 4 / 5, ASR 0.765 / 0.936 / 0.993 / 0.000, ACC 0.918 / 0.909 / 0.847 / 0.851. Key 0 removed
+    the backdoor on the machine of 2026-12-03 (5 pruned, ASR 0.000, ACC 0.881), which is what this
+    test asserted until a CPU with another floating-point order gave 0.765. Variants tried once by
+    hand (not recorded; keys 0-3 unless said), none removing the backdoor in every draw: 500
+    iterations (key 0: ASR 0.955); the 215-image set as one batch (ASR 0.111 / 0.059 / 0.725 /
+    0.585); the 430 as one batch (keys 0-1: 0.000 / 0.939); 3 noise steps (keys 0-1: 0.001 / 0.913);
+    eps 0.2 (keys 0-2: 1 pruned or none, ASR >= 0.936); running BN statistics (46-57 pruned, ACC <=
+    0.07); small-bn Blended (keys 0-1: 0.785 / 0.956); medium-bn BadNets (key 0: 10 pruned, ASR
+    0.974, ACC 0.480). Where ANP does remove backdoors, and where not, at the papers' scale: the
+    suspiciousness and TSBD tables in experiments/RESULTS.md."""
     run = checkpoint.load(ZOO_V2_DIR / "small-bn-gtsrb-badnets")
     clean, sets = split_for_defense(run, 10, 0, data_dir, eval_limit=1000)
     before = evaluate_model(run.module, run.variables, sets)

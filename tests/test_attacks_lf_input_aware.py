@@ -121,7 +121,7 @@ def test_input_aware_plants_a_per_input_trigger_that_survives_saving(gtsrb_small
     These settings plant a weak, unsteady backdoor: the ASR is not monotone in the epochs (the
     classifier learns the clean task and the generator chases it) and its path changes with the
     CPU's floating-point order. ACC / ASR after joint epochs 4-8, four training keys, AMD EPYC
-    CPU (2026-12-06; the same call, evaluated after every epoch):
+    CPU (2026-12-06; the same call, evaluated after every epoch: experiments/draw_spread.py):
     key 0: 0.50/0.80 0.52/0.90 0.60/0.89 0.64/0.90 0.62/0.93; key 1: 0.42/0.59 0.50/0.64
     0.64/0.59 0.68/0.60 0.68/0.69; key 2: 0.36/0.90 0.51/0.69 0.53/0.81 0.59/0.73 0.61/0.73;
     key 3: 0.45/0.66 0.57/0.55 0.55/0.66 0.52/0.74 0.62/0.65. The test trains 5 epochs with key

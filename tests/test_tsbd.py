@@ -217,8 +217,9 @@ def test_tsbd_removes_the_backdoor_of_zoo_v2_small_bn_at_a_cost_in_accuracy(data
     8-to-32-channel model pays 16-22 ACC points for it. The medium-bn test below keeps ACC within
     10 points; it is `heavy` (~150 s in the suite; this one ~45 s alone).
 
-    Measured (AMD EPYC CPU, 2026-12-06), keys 0-3: ASR 0.002 / 0.007 / 0.008 / 0.004, ACC 0.782 /
-    0.720 / 0.741 / 0.757, n = 5% / 10% / 5% / 5% (chosen on clean validation data)."""
+    Measured (AMD EPYC CPU, 2026-12-06; experiments/results/draw_spread.md), keys 0-3: ASR 0.002 /
+    0.007 / 0.008 / 0.004, ACC 0.782 / 0.720 / 0.741 / 0.757, n = 5% / 10% / 5% / 5% (chosen on
+    clean validation data)."""
     run = checkpoint.load(ZOO_V2_DIR / "small-bn-gtsrb-badnets")
     clean, sets = split_for_defense(run, 10, 0, data_dir, eval_limit=1000)
     before = evaluate_model(run.module, run.variables, sets)
