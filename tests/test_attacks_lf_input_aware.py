@@ -75,7 +75,7 @@ def test_lf_found_on_a_clean_model_plants_a_backdoor_that_survives_saving(gtsrb_
     variables = train(module, poisoned.dataset, TRAIN, jax.random.key(3), progress=False).variables
     report = evaluate_model(module, variables, TestSets.build(test_set, attack, target))
     print(f"LF: ACC {report.acc:.3f} ASR {report.asr:.3f}")
-    assert report.asr > 0.45 and report.acc > 0.4, report
+    assert report.asr > 0.8 and report.acc > 0.55, report
 
     run = _save_and_load(tmp_path, "small-bn", variables, attack, target, report)
     assert isinstance(run.attack, LF) and run.attack.source == str(tmp_path / "lf.npy")
