@@ -24,6 +24,7 @@ runs on other machines add rows instead of replacing them.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import tempfile
@@ -57,10 +58,24 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _defense_case(case: str, data_dir: str, key: int) -> dict:
+@functools.lru_cache(maxsize=None)
+def _defense_setting(data_dir: str):
+    """(run, clean set, test sets, undefended report) of the defense tests: loaded once for every key."""
     run = tables.zoo_run("v2", "small-bn-gtsrb-badnets")
     clean, sets = split_for_defense(run, 10, 0, data_dir, eval_limit=1000)
-    before = evaluate_model(run.module, run.variables, sets)
+    return run, clean, sets, evaluate_model(run.module, run.variables, sets)
+
+
+@functools.lru_cache(maxsize=None)
+def _input_aware_data(data_dir: str):
+    """(2,000 stratified training images, 1,000 test images, the target map) of the input-aware test."""
+    train_set = stratified_subset(load("gtsrb", "train", data_dir), 2000, jax.random.key(0))
+    test_set = stratified_subset(load("gtsrb", "test", data_dir), 1000, jax.random.key(1))
+    return train_set, test_set, TargetMap("all_to_one", 14, train_set.info.num_classes)
+
+
+def _defense_case(case: str, data_dir: str, key: int) -> dict:
+    run, clean, sets, before = _defense_setting(data_dir)
     if case == "anp":
         config = anp.AnpConfig(iterations=200, crop_padding=0, threshold=0.2)
         result = anp.anp(run.module, run.variables, clean, jax.random.key(key), config)
@@ -79,9 +94,7 @@ def _input_aware_case(data_dir: str, key: int) -> dict:
     per-epoch checkpoint (``checkpoint_dir``) is the hook, its save is wrapped to evaluate the
     state it is given. The classifier's Adam has a constant rate, so the first 5 epochs of this
     run are the test's 5-epoch run."""
-    train_set = stratified_subset(load("gtsrb", "train", data_dir), 2000, jax.random.key(0))
-    test_set = stratified_subset(load("gtsrb", "test", data_dir), 1000, jax.random.key(1))
-    target = TargetMap("all_to_one", 14, train_set.info.num_classes)
+    train_set, test_set, target = _input_aware_data(data_dir)
     module = models.create("small-bn", train_set.info)
     config = InputAwareConfig(channels=16, mask_epochs=1, mask_density=0.2, attack_rate=0.3)
     train = TrainConfig(epochs=INPUT_AWARE_EPOCHS, batch_size=64, optimizer="adam", learning_rate=3e-3,

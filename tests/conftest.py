@@ -173,6 +173,7 @@ ZOO_V2_DIR = ZOO_DIR.with_name("zoo-v2")
 ZOO_BADNETS_DIR = ZOO_V2_DIR / "medium-bn-gtsrb-badnets"
 ZOO_CLEAN_DIR = ZOO_V2_DIR / "medium-bn-gtsrb-clean"
 ZOO_RESNET20_DIR = ZOO_V2_DIR / "resnet20-gtsrb-badnets"
+ZOO_SMALL_BN_DIR = ZOO_V2_DIR / "small-bn-gtsrb-badnets"
 
 
 @pytest.fixture(scope="session")
@@ -210,6 +211,19 @@ def zoo_resnet20_run(data_dir) -> checkpoint.Run:
 def gtsrb_resnet20_split(zoo_resnet20_run, data_dir):
     """(430 clean test images, 10 per class; TestSets of 1,000 others) for the ResNet-20 model."""
     return split_for_defense(zoo_resnet20_run, 10, 0, data_dir, eval_limit=1000)
+
+
+@pytest.fixture(scope="session")
+def zoo_small_bn_run(data_dir) -> checkpoint.Run:
+    """experiments/zoo-v2/small-bn-gtsrb-badnets (the smallest BN model; ACC 0.940 / ASR 0.992 on
+    gtsrb_small_bn_split's 1,000 images)."""
+    return checkpoint.load(ZOO_SMALL_BN_DIR)
+
+
+@pytest.fixture(scope="session")
+def gtsrb_small_bn_split(zoo_small_bn_run, data_dir):
+    """(430 clean test images, 10 per class; TestSets of 1,000 others) for the small-bn model."""
+    return split_for_defense(zoo_small_bn_run, 10, 0, data_dir, eval_limit=1000)
 
 
 @pytest.fixture(autouse=True)

@@ -9,14 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bdjax import checkpoint, defenses, surgery
+from bdjax import defenses, surgery
 from bdjax.data.dataset import Dataset
 from bdjax.defenses import anp, nad
 from bdjax.evaluation import evaluate_model
 from bdjax.models import create
 
-from bdjax.runs import split_for_defense
-from conftest import SYNTHETIC_INFO, ZOO_V2_DIR
+from conftest import SYNTHETIC_INFO
 
 # Tiny runs: a few iterations / epochs are enough to check the mechanics. The huge mask
 # learning rate (no momentum) pushes masks out of [0, 1] in one step, so clipping is exercised.
@@ -275,7 +274,8 @@ def test_anp_with_one_image_per_class_fails_to_remove_the_backdoor(zoo_badnets_r
 
 
 @pytest.mark.realdata
-def test_anp_at_its_papers_threshold_prunes_few_last_block_neurons_of_zoo_v2_small_bn(data_dir):
+def test_anp_at_its_papers_threshold_prunes_few_last_block_neurons_of_zoo_v2_small_bn(zoo_small_bn_run,
+                                                                                     gtsrb_small_bn_split):
     """ANP on a real backdoor: zoo v2 small-bn BadNets (ACC 0.94 / ASR 0.99; CLP finds its
     backdoor in 2 channels, results/tac_tables_v2.md), 10 clean images per class (430), masks
     learned for 200 iterations (the official 2,000 do not fit a test; no crops: the model was
@@ -296,8 +296,8 @@ def test_anp_at_its_papers_threshold_prunes_few_last_block_neurons_of_zoo_v2_sma
     0.07); small-bn Blended (keys 0-1: 0.785 / 0.956); medium-bn BadNets (key 0: 10 pruned, ASR
     0.974, ACC 0.480). Where ANP does remove backdoors, and where not, at the papers' scale: the
     suspiciousness and TSBD tables in experiments/RESULTS.md."""
-    run = checkpoint.load(ZOO_V2_DIR / "small-bn-gtsrb-badnets")
-    clean, sets = split_for_defense(run, 10, 0, data_dir, eval_limit=1000)
+    run = zoo_small_bn_run
+    clean, sets = gtsrb_small_bn_split
     before = evaluate_model(run.module, run.variables, sets)
     config = anp.AnpConfig(iterations=200, crop_padding=0, threshold=0.2)
     result = anp.anp(run.module, run.variables, clean, jax.random.key(0), config)

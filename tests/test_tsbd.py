@@ -7,17 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bdjax import checkpoint, defenses
+from bdjax import defenses
 from bdjax.defenses import tsbd
 from bdjax.defenses.finetune import FinetuneConfig
 from bdjax.defenses.unlearning import gradient_ascent
 from bdjax.evaluation import evaluate_model
 from bdjax.metrics import defense_effectiveness_rating
-from bdjax.runs import split_for_defense
 from bdjax.surgery import get_path, set_path
 from bdjax.training import cross_entropy
 
-from conftest import SYNTHETIC_INFO, ZOO_V2_DIR
+from conftest import SYNTHETIC_INFO
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +210,7 @@ def test_clean_unlearning_stops_once_clean_accuracy_reaches_the_target(tiny_mode
 
 # --------------------------------------------------------------------------- real data
 @pytest.mark.realdata
-def test_tsbd_removes_the_backdoor_of_zoo_v2_small_bn_at_a_cost_in_accuracy(data_dir):
+def test_tsbd_removes_the_backdoor_of_zoo_v2_small_bn_at_a_cost_in_accuracy(zoo_small_bn_run, gtsrb_small_bn_split):
     """Zoo v2 small-bn, real GTSRB BadNets (ACC 0.940 / ASR 0.992 on these 1,000 test images),
     TSBD with its defaults on 430 clean images: the backdoor goes in every key measured, but this
     8-to-32-channel model pays 16-22 ACC points for it. The medium-bn test below keeps ACC within
@@ -220,8 +219,8 @@ def test_tsbd_removes_the_backdoor_of_zoo_v2_small_bn_at_a_cost_in_accuracy(data
     Measured (AMD EPYC CPU, 2026-12-06; experiments/results/draw_spread.md), keys 0-3: ASR 0.002 /
     0.007 / 0.008 / 0.004, ACC 0.782 / 0.720 / 0.741 / 0.757, n = 5% / 10% / 5% / 5% (chosen on
     clean validation data)."""
-    run = checkpoint.load(ZOO_V2_DIR / "small-bn-gtsrb-badnets")
-    clean, sets = split_for_defense(run, 10, 0, data_dir, eval_limit=1000)
+    run = zoo_small_bn_run
+    clean, sets = gtsrb_small_bn_split
     before = evaluate_model(run.module, run.variables, sets)
     result = tsbd.tsbd(run.module, run.variables, clean, jax.random.key(0), tsbd.TsbdConfig())
     after = evaluate_model(run.module, result.variables, sets)
